@@ -1,0 +1,172 @@
+"""One typed configuration for every stage, loaded from a named preset and CLI overrides.
+
+Presets live as YAML in `mfiba/presets/`. Overrides are dotted paths (`data.test_count=50`);
+a wrong field or value is refused before any work starts, with the field and the allowed
+values in the message.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPLITS = ("train", "calib", "test")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user (field, value, what is allowed)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "coco"] = "synthetic"
+    # synthetic: where the splits are rendered; coco: unused.
+    root: str = "runs/data/synthetic"
+    image_size: int = Field(256, ge=64, le=2048)
+    # COCO: one image folder and annotation files per split (val2017 for test, train2017 otherwise).
+    coco_images: dict[str, str] = Field(default_factory=dict)
+    coco_instances: dict[str, str] = Field(default_factory=dict)
+    coco_keypoints: dict[str, str] = Field(default_factory=dict)
+    train_count: int = Field(300, ge=0)
+    calib_count: int = Field(60, ge=0)
+    test_count: int = Field(120, ge=0)
+    # Explicit image ids per split override the seeded random selection by count.
+    image_ids: dict[str, list[int]] = Field(default_factory=dict)
+    seed: int = 2024
+
+    @field_validator("coco_images", "coco_instances", "coco_keypoints", "image_ids")
+    @classmethod
+    def _known_splits(cls, v: dict) -> dict:
+        bad = sorted(set(v) - set(SPLITS))
+        if bad:
+            raise ValueError(f"unknown split(s) {bad}; allowed: {list(SPLITS)}")
+        return v
+
+    def count(self, split: str) -> int:
+        return {"train": self.train_count, "calib": self.calib_count, "test": self.test_count}[split]
+
+
+class TaskModelConfig(_Strict):
+    name: Literal["demo-multitask", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"] = "demo-multitask"
+    # demo: the committed checkpoint; torchvision: an explicit weights file (else TORCH_HOME's cache).
+    checkpoint: str | None = "assets/demo-task-model/demo_task_model.pt"
+    allow_random_weights: bool = False
+
+
+class TrainTaskModelConfig(_Strict):
+    iterations: int = Field(6000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.04, gt=0)
+    train_images: int = Field(20000, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    loader_workers: int = Field(2, ge=0)
+    work_dir: str = "runs/train-task-model"
+
+
+class FeaturesConfig(_Strict):
+    store: str = "runs/demo/features.zarr"
+    splits: list[Literal["train", "calib", "test"]] = Field(default_factory=lambda: list(SPLITS))
+    batch_size: int = Field(8, ge=1)
+    # Bounded memory: at most this many batches in flight, whatever the image count.
+    max_in_flight: int = Field(4, ge=1)
+
+
+class DaskConfig(_Strict):
+    scheduler_address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "6GiB"
+    # GPU work is tagged with this Dask resource; only workers that declare it take it.
+    gpu_resource: str = "GPU"
+
+
+class Config(_Strict):
+    preset: str = "demo"
+    description: str = ""
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    task_model: TaskModelConfig = Field(default_factory=TaskModelConfig)
+    train_task_model: TrainTaskModelConfig = Field(default_factory=TrainTaskModelConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+    @model_validator(mode="after")
+    def _coco_paths(self) -> "Config":
+        if self.data.source == "coco":
+            missing = [s for s in self.features.splits if s not in self.data.coco_images]
+            if missing:
+                raise ValueError(f"data.coco_images has no folder for split(s) {missing}")
+        return self
+
+    def resolve_path(self, value: str) -> Path:
+        """Relative paths are relative to the repository root, never to the caller's cwd."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    def digest(self, *sections: str) -> str:
+        """Stable hash of the given sections (all if none): what a stage output depends on."""
+        d = self.model_dump(mode="json")
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        ctx = err.get("ctx") or {}
+        if "expected" in ctx:
+            msg = f"{msg} (allowed: {ctx['expected']})"
+        lines.append(f"  {field}: {msg}; got {err.get('input')!r}")
+    return "\n".join(lines)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        if not isinstance(cur.get(k, {}), dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        cur = cur.setdefault(k, {})
+    cur[keys[-1]] = value
+
+
+def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Load a preset by name (or a YAML path) and apply overrides (dict or 'a.b=value' strings)."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {preset!r}; available: {list_presets()}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if isinstance(overrides, list):
+        parsed = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like field.path=value")
+            k, v = item.split("=", 1)
+            parsed[k.strip()] = yaml.safe_load(v)
+        overrides = parsed
+    for k, v in (overrides or {}).items():
+        _set_dotted(raw, k, v)
+    try:
+        return Config(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, str(path))) from None

@@ -1,0 +1,170 @@
+"""Task networks split where feature coding cuts them: features() on the edge, heads() on the server.
+
+Every registered model exposes the same two calls, so one scale can be swapped for its decoded
+version without rerunning the backbone:
+
+    feats, meta = model.features(images)      # OrderedDict '0','1','2','3','pool'
+    detections = model.heads(feats, meta)      # torchvision-style dicts, original coordinates
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+SCALES = ("0", "1", "2", "3", "pool")
+STRIDES = {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Raised when COCO weights are neither in TORCH_HOME's cache nor at an explicit path."""
+
+
+@dataclass
+class SplitMeta:
+    """What the heads need besides the features: sizes before and after the model's resize."""
+
+    image_sizes: list[tuple[int, int]]  # after the transform's resize, before batching pad
+    original_sizes: list[tuple[int, int]]
+    batch_shape: tuple[int, int]  # padded tensor size the backbone saw
+
+
+class TaskModel:
+    """A torchvision GeneralizedRCNN split into features() and heads()."""
+
+    def __init__(self, name: str, net: nn.Module, tasks: tuple[str, ...], keypoint_category_ids=(), weights: str = ""):
+        self.name, self.net, self.tasks = name, net.eval(), tasks
+        self.keypoint_category_ids = tuple(keypoint_category_ids)
+        self.weights = weights  # what was loaded, for provenance ("random-init" when allowed)
+
+    @property
+    def fpn_channels(self) -> int:
+        return self.net.backbone.out_channels
+
+    def to(self, device) -> "TaskModel":
+        self.net.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @torch.no_grad()
+    def features(self, images: list[torch.Tensor]) -> tuple["OrderedDict[str, torch.Tensor]", SplitMeta]:
+        """images: float RGB tensors (3, H, W) in [0, 1]."""
+        images = [i.to(self.device) for i in images]
+        original = [tuple(i.shape[-2:]) for i in images]
+        image_list, _ = self.net.transform(images)
+        feats = self.net.backbone(image_list.tensors)
+        meta = SplitMeta([tuple(s) for s in image_list.image_sizes], original, tuple(image_list.tensors.shape[-2:]))
+        return feats, meta
+
+    @torch.no_grad()
+    def heads(self, feats: "OrderedDict[str, torch.Tensor]", meta: SplitMeta) -> list[dict]:
+        from torchvision.models.detection.image_list import ImageList
+
+        feats = OrderedDict((k, feats[k].to(self.device)) for k in SCALES)
+        n = feats["0"].shape[0]
+        dummy = torch.empty((n, 3, *meta.batch_shape), device=self.device)  # the RPN reads only its shape
+        image_list = ImageList(dummy, [tuple(s) for s in meta.image_sizes])
+        proposals, _ = self.net.rpn(image_list, feats)
+        detections, _ = self.net.roi_heads(feats, proposals, image_list.image_sizes)
+        return self.net.transform.postprocess(detections, image_list.image_sizes, meta.original_sizes)
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        feats, meta = self.features(images)
+        return self.heads(feats, meta)
+
+
+_REGISTRY: dict[str, Callable[..., TaskModel]] = {}
+
+
+def register_task_model(name: str):
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available_task_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_task_model(name: str, checkpoint: str | None = None, allow_random_weights: bool = False) -> TaskModel:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task model {name!r}; registered: {available_task_models()}")
+    return _REGISTRY[name](checkpoint=checkpoint, allow_random_weights=allow_random_weights)
+
+
+def _torch_hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _torchvision_coco(builder_name: str, weights_enum_name: str, tasks: tuple[str, ...], keypoint_ids=()):
+    def build(checkpoint: str | None = None, allow_random_weights: bool = False) -> TaskModel:
+        import torchvision.models.detection as det
+
+        builder = getattr(det, builder_name)
+        weights = getattr(det, weights_enum_name).DEFAULT
+        # weights_backbone=None: nothing is fetched for the backbone either.
+        if checkpoint:
+            path = Path(checkpoint).expanduser()
+            if not path.exists():
+                raise WeightsNotFoundError(f"{builder_name}: weights file {path} does not exist (task_model.checkpoint)")
+            net = builder(weights=None, weights_backbone=None)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            loaded = str(path)
+        else:
+            file_name = os.path.basename(weights.url)
+            cached = _torch_hub_checkpoint_dir() / file_name
+            if cached.exists():
+                # torchvision's own weights API, reading the TORCH_HOME cache: no download.
+                net = builder(weights=weights, weights_backbone=None, progress=False)
+                loaded = str(cached)
+            elif allow_random_weights:
+                net = builder(weights=None, weights_backbone=None)
+                loaded = "random-init"
+            else:
+                raise WeightsNotFoundError(
+                    f"{builder_name}: COCO weights {weights} not found. Expected the file {file_name} at "
+                    f"{cached} (TORCH_HOME cache; download it from {weights.url} on a connected machine), "
+                    f"or give its path as task_model.checkpoint. For smoke tests only, "
+                    f"--allow-random-weights runs with random initialisation (results meaningless)."
+                )
+        return TaskModel(builder_name, net, tasks, keypoint_ids, weights=loaded)
+
+    return build
+
+
+register_task_model("fasterrcnn_resnet50_fpn")(
+    _torchvision_coco("fasterrcnn_resnet50_fpn", "FasterRCNN_ResNet50_FPN_Weights", ("bbox",)))
+register_task_model("maskrcnn_resnet50_fpn")(
+    _torchvision_coco("maskrcnn_resnet50_fpn", "MaskRCNN_ResNet50_FPN_Weights", ("bbox", "segm")))
+register_task_model("keypointrcnn_resnet50_fpn")(
+    _torchvision_coco("keypointrcnn_resnet50_fpn", "KeypointRCNN_ResNet50_FPN_Weights", ("bbox", "keypoints"), (1,)))
+
+
+@register_task_model("demo-multitask")
+def _demo(checkpoint: str | None = None, allow_random_weights: bool = False) -> TaskModel:
+    from tasks.datasets.synthetic import CATEGORIES, KEYPOINT_CATEGORY
+    from tasks.models.demo import DemoModelSpec, build_demo_model, load_checkpoint
+
+    kp_ids = tuple(i + 1 for i, c in enumerate(CATEGORIES) if c[0] == KEYPOINT_CATEGORY)
+    if checkpoint and Path(checkpoint).exists():
+        net, _spec, _extra = load_checkpoint(checkpoint)
+        loaded = str(checkpoint)
+    elif allow_random_weights:
+        net, loaded = build_demo_model(DemoModelSpec()), "random-init"
+    else:
+        raise WeightsNotFoundError(
+            f"demo-multitask: checkpoint {checkpoint!r} not found; it is committed at "
+            f"assets/demo-task-model/demo_task_model.pt, or run `mfiba train-task-model` to rebuild it")
+    return TaskModel("demo-multitask", net, ("bbox", "segm", "keypoints"), kp_ids, weights=loaded)
