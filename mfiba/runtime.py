@@ -40,15 +40,9 @@ def state_dir(repo_root: Path | None = None) -> Path:
     return Path(repo_root or REPO_ROOT).resolve() / ".state"
 
 
-def setup_local_state(repo_root: Path | None = None) -> Path:
-    """Create `<repo>/.state/` and point tools at it, without overriding the user's env.
-
-    Keeps $HOME clean and stops Prefect from phoning home. Call it before `import prefect`
-    (see module docstring). Returns the state folder.
-    """
-    state = state_dir(repo_root)
-    state.mkdir(parents=True, exist_ok=True)
-    defaults = {
+def local_state_env(state: Path) -> dict[str, str]:
+    """The env defaults `setup_local_state` applies, for a given state folder."""
+    return {
         # Prefect: profiles, SQLite DB (prefect.db), local result storage, telemetry markers.
         "PREFECT_HOME": str(state / "prefect"),
         # The server would send usage data to sens-o-matic.prefect.io on startup.
@@ -63,10 +57,23 @@ def setup_local_state(repo_root: Path | None = None) -> Path:
         "MPLCONFIGDIR": str(state / "matplotlib"),
         "DASK_TEMPORARY_DIRECTORY": str(state / "dask"),
     }
+
+
+_STATE_DIR_VARS = ("PREFECT_HOME", "TORCH_HOME", "MPLCONFIGDIR", "DASK_TEMPORARY_DIRECTORY")
+
+
+def setup_local_state(repo_root: Path | None = None) -> Path:
+    """Create `<repo>/.state/` and point tools at it, without overriding the user's env.
+
+    Keeps $HOME clean and stops Prefect from phoning home. Call it before `import prefect`
+    (see module docstring). Idempotent. Returns the state folder.
+    """
+    state = state_dir(repo_root)
+    state.mkdir(parents=True, exist_ok=True)
     changed_home = "PREFECT_HOME" not in os.environ
-    for key, value in defaults.items():
+    for key, value in local_state_env(state).items():
         os.environ.setdefault(key, value)
-    for key in ("PREFECT_HOME", "TORCH_HOME", "MPLCONFIGDIR", "DASK_TEMPORARY_DIRECTORY"):
+    for key in _STATE_DIR_VARS:
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
     if changed_home and "prefect" in sys.modules:
         warnings.warn(
@@ -119,14 +126,25 @@ def _drain_prefect_workers() -> None:
     against a dead server (noise at exit) or be reused by a later server."""
     if "prefect" not in sys.modules:
         return
+    import logging
+
+    # While draining, Prefect warns "Still processing items: 1 items remaining..." even
+    # when the only item left is its own stop sentinel; the logger is named after the class.
+    quiet = [logging.getLogger(name) for name in ("APILogWorker", "EventsWorker")]
+    levels = [lg.level for lg in quiet]
     try:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
         APILogWorker.drain_all(timeout=10)
         EventsWorker.drain_all(timeout=10)
     except Exception as exc:  # never mask the caller's exception or block shutdown
         warnings.warn(f"Could not drain Prefect log/event workers: {exc}", RuntimeWarning)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
 
 
 class LocalPrefectServer:

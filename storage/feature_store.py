@@ -22,15 +22,18 @@ Why this shape:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous as za
 import zarr.codecs
 from zarr.core.sync import sync  # runs a store coroutine on zarr's own event loop
 from zarr.storage import FsspecStore, LocalStore
@@ -89,7 +92,8 @@ def _to_float16(image_id: int, scale: str, x: Any) -> np.ndarray:
     a = np.asarray(x)
     if a.ndim != 3:
         raise ValueError(f"image {image_id} scale {scale!r}: expected (C, H, W), got shape {a.shape}")
-    a16 = np.ascontiguousarray(a, dtype=np.float16)
+    with np.errstate(over="ignore"):  # overflow is reported below, with context
+        a16 = np.ascontiguousarray(a, dtype=np.float16)
     # NaN/Inf survive the cast and finite values above 65504 become Inf, so one check on
     # the float16 copy catches both; look at the source only to word the error.
     if not np.isfinite(a16).all():
@@ -185,18 +189,17 @@ class FeatureStore:
                 return None  # read-only store with no image written yet
         return self._images
 
-    def _group(self, image_id: int) -> zarr.Group | None:
-        images = self._images_group()
-        if images is None:
-            return None
+    async def _open_group(self, image_id: int):
+        """The image's AsyncGroup, or None. mode='r' so a lookup never creates a group."""
         try:
-            g = images[image_key(image_id)]
-        except KeyError:
+            return await za.open_group(
+                store=self._store, path=self._prefix(image_id), mode="r", zarr_format=3
+            )
+        except FileNotFoundError:
             return None
-        return g if isinstance(g, zarr.Group) else None
 
-    def _complete_group(self, image_id: int) -> zarr.Group:
-        g = self._group(image_id)
+    async def _open_complete(self, image_id: int):
+        g = await self._open_group(image_id)
         if g is None or g.attrs.get("complete") is not True:
             state = "absent" if g is None else "incomplete"
             raise KeyError(f"image {image_id} is {state} in {self.url}")
@@ -215,7 +218,11 @@ class FeatureStore:
             return [], []
         complete, incomplete = [], []
         seen = set()
-        for name, g in images.groups():  # zarr fetches member metadata concurrently
+        with warnings.catch_warnings():
+            # Orphan keys (no zarr.json) make zarr warn; they are handled just below.
+            warnings.filterwarnings("ignore", message=".*not recognized as a component", category=UserWarning)
+            members = list(images.groups())  # zarr fetches member metadata concurrently
+        for name, g in members:
             if not name.isdigit():
                 continue
             seen.add(name)
@@ -238,7 +245,7 @@ class FeatureStore:
 
         ``attrs`` must include split, file_name, input_size [h, w], model_input_size [h, w]
         and strides {scale: stride}; extra keys are kept. ``complete`` is set last."""
-        if self._images is None or self.mode == "r":
+        if self.mode == "r":
             raise PermissionError(f"{self} is read-only")
         image_id = int(image_id)
         key = image_key(image_id)
@@ -265,13 +272,16 @@ class FeatureStore:
         group_attrs.update(image_id=image_id, strides=strides, complete=False)
         group_attrs = _jsonable(group_attrs)
 
+        sync(self._write_group(self._prefix(image_id), group_attrs, arrays))
+
+    async def _write_group(self, prefix: str, attrs: dict, arrays: dict[str, np.ndarray]) -> None:
         # Remove any previous (possibly half-written) version, including orphan chunks.
-        sync(self._store.delete_dir(self._prefix(image_id)))
-        g = self._images.create_group(key, attributes=group_attrs, overwrite=True)
+        await self._store.delete_dir(prefix)
+        g = await za.create_group(store=self._store, path=prefix, attributes=attrs, zarr_format=3)
         compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-        for scale in sorted(arrays, key=_scale_sort_key):
-            a = arrays[scale]
-            arr = g.create_array(
+
+        async def write_scale(scale: str, a: np.ndarray) -> None:
+            arr = await g.create_array(
                 scale,
                 shape=a.shape,
                 dtype="float16",
@@ -280,11 +290,14 @@ class FeatureStore:
                 fill_value=0.0,
                 dimension_names=_dimension_names(scale),
             )
-            arr[...] = a
-        g.attrs["complete"] = True  # last: marks the image as usable
+            await arr.setitem(Ellipsis, a)
+
+        # Scales are independent keys: write them concurrently (compression runs in threads).
+        await asyncio.gather(*(write_scale(s, a) for s, a in arrays.items()))
+        await g.update_attributes({"complete": True})  # last: marks the image as usable
 
     def has_image(self, image_id: int) -> bool:
-        g = self._group(image_id)
+        g = sync(self._open_group(image_id))
         return g is not None and g.attrs.get("complete") is True
 
     def image_ids(self, complete_only: bool = True) -> list[int]:
@@ -295,19 +308,30 @@ class FeatureStore:
         return self._scan()[1]
 
     def read_image(self, image_id: int, scales: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        g = self._complete_group(image_id)
-        names = sorted(g.array_keys(), key=_scale_sort_key) if scales is None else [str(s) for s in scales]
-        out = {}
-        for s in names:
-            try:
-                arr = g[s]
-            except KeyError:
-                raise KeyError(f"image {image_id} has no scale {s!r}") from None
-            out[s] = arr[...]
-        return out
+        """float16 arrays by scale key (all scales, in level order, when scales is None)."""
+        names = None if scales is None else [str(s) for s in scales]
+        return sync(self._read(image_id, names))
+
+    async def _read(self, image_id: int, names: list[str] | None) -> dict[str, np.ndarray]:
+        g = await self._open_complete(image_id)
+        if names is None:
+            arrays = {name: arr async for name, arr in g.arrays()}
+            names = sorted(arrays, key=_scale_sort_key)
+        else:
+
+            async def open_scale(name: str):
+                try:
+                    return await g.getitem(name)
+                except KeyError:
+                    raise KeyError(f"image {image_id} has no scale {name!r}") from None
+
+            arrays = dict(zip(names, await asyncio.gather(*(open_scale(n) for n in names))))
+        # One GET + decompress per scale, issued concurrently.
+        values = await asyncio.gather(*(arrays[n].getitem(Ellipsis) for n in names))
+        return dict(zip(names, values))
 
     def read_attrs(self, image_id: int) -> dict[str, Any]:
-        return dict(self._complete_group(image_id).attrs)
+        return dict(sync(self._open_complete(image_id)).attrs)
 
     def delete_image(self, image_id: int) -> None:
         if self.mode == "r":
@@ -318,14 +342,14 @@ class FeatureStore:
         """Lazy (dask-backed) xarray.Dataset with one variable per scale."""
         import xarray as xr
 
-        self._complete_group(image_id)
+        sync(self._open_complete(image_id))
         return xr.open_zarr(
             self._store, group=self._prefix(image_id), consolidated=False, zarr_format=3
         )
 
     def nbytes_stored(self, image_id: int) -> int:
         """Bytes on the store under the image's group (compressed chunks + metadata)."""
-        if self._group(image_id) is None:
+        if sync(self._open_group(image_id)) is None:
             raise KeyError(f"image {image_id} is absent in {self.url}")
         return int(sync(self._store.getsize_prefix(self._prefix(image_id))))
 

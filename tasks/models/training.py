@@ -111,6 +111,7 @@ def train_demo_model(
     device: str = "cpu",
     time_budget_s: float | None = None,
     fit_schedule_to_budget: bool = False,
+    init_checkpoint: str | Path | None = None,
     log=print,
 ) -> Path:
     """Train (or resume) and return the path of the float16 checkpoint written at the end.
@@ -140,6 +141,12 @@ def train_demo_model(
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         log(f"resuming demo-model training at step {step}/{train_spec.iterations}")
+    elif init_checkpoint:
+        # Continue from an earlier run's weights with a fresh schedule (e.g. a second sitting).
+        blob = torch.load(init_checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+        history = [{"init_from": str(init_checkpoint), "init_extra": blob.get("extra", {})}]
+        log(f"initialised from {init_checkpoint}")
 
     dataset = SyntheticTrainSet(data_spec, train_spec.train_images)
     generator = torch.Generator().manual_seed(train_spec.seed + step)
@@ -222,15 +229,18 @@ def main(argv=None) -> None:
     ap.add_argument("--train-images", type=int, default=TrainSpec.train_images)
     ap.add_argument("--time-budget-s", type=float, default=None)
     ap.add_argument("--fit-schedule-to-budget", action="store_true")
+    ap.add_argument("--warmup", type=int, default=TrainSpec.warmup)
+    ap.add_argument("--init-from", default=None)
     a = ap.parse_args(argv)
     if a.device == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # No cudnn.benchmark: RoI head batch sizes change every step and would re-tune each time.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     spec = TrainSpec(iterations=a.iterations, batch_size=a.batch_size, lr=a.lr, workers=a.workers,
-                     train_images=a.train_images)
+                     train_images=a.train_images, warmup=a.warmup)
     path = train_demo_model(a.work_dir, DemoModelSpec(), SyntheticSpec(), spec, device=a.device,
-                            time_budget_s=a.time_budget_s, fit_schedule_to_budget=a.fit_schedule_to_budget)
+                            time_budget_s=a.time_budget_s, fit_schedule_to_budget=a.fit_schedule_to_budget,
+                            init_checkpoint=a.init_from)
     print(f"wrote {path}")
 
 
