@@ -56,6 +56,8 @@ def local_state_env(state: Path) -> dict[str, str]:
         "TORCH_HOME": str(state / "torch"),
         "MPLCONFIGDIR": str(state / "matplotlib"),
         "DASK_TEMPORARY_DIRECTORY": str(state / "dask"),
+        # Dask's scheduler and nanny chatter (worker starts, closes) is not the user's news.
+        "DASK_LOGGING__DISTRIBUTED": "warning",
     }
 
 

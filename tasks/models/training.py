@@ -196,7 +196,7 @@ def train_demo_model(
             if step % 20 == 0 or step == 1:
                 row = {"step": step, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                        "elapsed_s": round(time.time() - started, 1)}
-                row.update({k: round(float(v), 4) for k, v in losses.items()})
+                row.update({k: round(float(v.detach()), 4) for k, v in losses.items()})
                 history.append(row)
                 log(json.dumps(row))
             if step % train_spec.checkpoint_every == 0:

@@ -1,0 +1,131 @@
+"""`mfiba features`: images -> task-model features of every scale -> a zarr v3 store.
+
+Cached and resumable per image: images already complete in the store are skipped, a
+half-written image is rewritten, and the store's metadata (model weights hash, data and
+model configuration) decides whether the store is still valid for this configuration.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import dask
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from flows.common import Progress, dask_task_runner, gpu_annotation
+from mfiba.config import Config
+from storage.feature_store import FeatureStore, check_disk_space, estimate_store_bytes, human_bytes
+from storage.manifest import StageManifest, code_version, file_sha256, write_manifest
+from tasks.datasets.sources import image_refs
+from tasks.features import BatchResult, ExtractSettings, extract_batch, load_tensor, resolve_device
+from tasks.models.registry import SCALES, build_task_model
+
+
+class StaleStoreError(RuntimeError):
+    pass
+
+
+@task(name="extract-features", retries=2, retry_delay_seconds=2,
+      task_run_name="extract-{split}-images-{first}-to-{last}")
+def extract_features_task(refs, settings: ExtractSettings, split: str, first: int, last: int) -> BatchResult:
+    return extract_batch(refs, settings)
+
+
+def weights_identity(cfg: Config) -> str:
+    ckpt = cfg.task_model.checkpoint
+    if ckpt and cfg.resolve_path(ckpt).exists():
+        return "sha256:" + file_sha256(cfg.resolve_path(ckpt))
+    return "random-init" if cfg.task_model.allow_random_weights else "torchvision-default"
+
+
+def _probe_bytes_per_image(cfg: Config, ref, device: str) -> int:
+    """Bytes of one image's features in float16, measured on the first image."""
+    model = build_task_model(cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights).to(device)
+    feats, _ = model.features([load_tensor(ref)])
+    return sum(int(feats[s][0].numel()) * 2 for s in SCALES)
+
+
+def _checkpoint(cfg: Config) -> str | None:
+    ckpt = cfg.task_model.checkpoint
+    return str(cfg.resolve_path(ckpt)) if ckpt else None
+
+
+@flow(name="features", flow_run_name="features-{preset}")
+def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -> dict:
+    cfg = Config(**config)
+    logger = get_run_logger()
+    device = resolve_device(cfg.device)
+    refs_by_split = image_refs(cfg, list(cfg.features.splits))
+    store_url = str(cfg.resolve_path(cfg.features.store)) if "://" not in cfg.features.store else cfg.features.store
+    identity = {"task_model": cfg.task_model.name, "weights": weights_identity(cfg),
+                "model_config_digest": cfg.digest("task_model"), "data_digest": cfg.digest("data")}
+    store = FeatureStore(store_url, mode="a")
+    existing = {k: store.meta.get(k) for k in identity}
+    if any(v is not None for v in existing.values()) and existing != identity:
+        changed = [k for k in identity if existing.get(k) != identity[k]]
+        if not overwrite:
+            raise StaleStoreError(
+                f"feature store {store_url} was built with different {changed}: "
+                f"rerun with --overwrite to rebuild it, or give another store (features.store)")
+        logger.warning(f"store {store_url} is stale ({changed}); rebuilding every image")
+        for iid in store.image_ids(complete_only=False):
+            store.delete_image(iid)
+    store.set_meta(**identity, code_version=code_version())
+
+    todo = [r for refs in refs_by_split.values() for r in refs if not store.has_image(r.image_id)]
+    total = sum(len(v) for v in refs_by_split.values())
+    logger.info(f"features: {total} images selected ({ {k: len(v) for k, v in refs_by_split.items()} }), "
+                f"{total - len(todo)} already in the store, {len(todo)} to extract")
+    if todo:
+        per_image = _probe_bytes_per_image(cfg, todo[0], "cpu" if device == "cuda" else device)
+        needed = estimate_store_bytes(len(todo), 1, {"all": (1, per_image // 2)})
+        check_disk_space(store_url, needed)
+        logger.info(f"estimated store growth {human_bytes(needed)} ({human_bytes(per_image)} per image, float16)")
+
+    settings = ExtractSettings(store_url, cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights,
+                               device, cfg.dask.threads_per_worker)
+    bs = cfg.features.batch_size
+    batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    progress = Progress(logger, "features", len(todo), artifact_key=None)
+    results: list[BatchResult] = []
+    in_flight: deque = deque()
+    window = cfg.features.max_in_flight * cfg.dask.n_workers
+    for batch in batches:
+        # Bounded memory: the flow never holds more than `window` batches' results at once.
+        while len(in_flight) >= window:
+            res = in_flight.popleft().result()
+            results.append(res)
+            progress.advance(len(res.written) + len(res.skipped))
+        with dask.annotate(**gpu_annotation(cfg, device)):
+            in_flight.append(extract_features_task.submit(
+                batch, settings, batch[0].split, batch[0].image_id, batch[-1].image_id))
+    while in_flight:
+        res = in_flight.popleft().result()
+        results.append(res)
+        progress.advance(len(res.written) + len(res.skipped))
+
+    skipped = {iid: why for r in results for iid, why in r.skipped.items()}
+    secs_model = sum(r.seconds_model for r in results)
+    secs_store = sum(r.seconds_store for r in results)
+    summary = {
+        "store": store_url, "selected": total, "extracted": sum(len(r.written) for r in results),
+        "reused": total - len(todo), "skipped": len(skipped), "skipped_reasons": {str(k): v for k, v in skipped.items()},
+        "seconds_model": round(secs_model, 2), "seconds_store": round(secs_store, 2),
+        "complete_in_store": len(store.image_ids()),
+    }
+    if skipped:
+        logger.warning(f"{len(skipped)} images skipped: " + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]))
+        create_table_artifact([{"image_id": k, "reason": v} for k, v in skipped.items()],
+                              key="features-skipped", description="images skipped by the features stage")
+    write_manifest(cfg.resolve_path(cfg.run_dir), StageManifest(
+        stage="features", config_digest=cfg.digest("data", "task_model", "features"),
+        input_hashes={"weights": identity["weights"]}, items_done=summary["complete_in_store"], extra=summary))
+    logger.info(f"features done: {summary['extracted']} extracted, {summary['reused']} reused from the store, "
+                f"{summary['skipped']} skipped; model {secs_model:.1f} s, store writes {secs_store:.1f} s")
+    return summary
+
+
+def run_features(cfg: Config, overwrite: bool = False) -> dict:
+    device = resolve_device(cfg.device)
+    runner = dask_task_runner(cfg, device)
+    return features_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), cfg.preset, overwrite)

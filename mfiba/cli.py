@@ -1,0 +1,133 @@
+"""`mfiba`: one subcommand per pipeline stage.
+
+Every stage takes --preset and --set field.path=value overrides; the configuration is
+validated before any work starts. When PREFECT_API_URL is not set, one local Prefect
+server (127.0.0.1, embedded SQLite under .state/) serves the run and every Dask worker,
+and is stopped afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mfiba.config import ConfigError, list_presets, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="demo", help=f"named preset ({', '.join(list_presets())}) or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a configuration field, e.g. --set data.test_count=50 (repeatable)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override `device`")
+    p.add_argument("--scheduler-address", help="external Dask scheduler (else a LocalCluster)")
+    p.add_argument("--workers", type=int, help="LocalCluster worker processes (dask.n_workers)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mfiba", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    p = sub.add_parser("config", help="print the resolved configuration of a preset")
+    _common(p)
+
+    p = sub.add_parser("data", help="render the synthetic splits (COCO format) or check the COCO paths")
+    _common(p)
+
+    p = sub.add_parser("features", help="feature-dataset stage: images -> FPN features -> zarr store")
+    _common(p)
+    p.add_argument("--store", help="store path or fsspec URL (features.store)")
+    p.add_argument("--splits", nargs="+", choices=["train", "calib", "test"], help="features.splits")
+    p.add_argument("--images", nargs="+", type=int, metavar="ID",
+                   help="explicit image ids (applied to every selected split)")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="torchvision models without COCO weights: random init, for smoke tests only")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a store made with other weights or data")
+
+    p = sub.add_parser("train-task-model", help="train (or resume) the demo multi-task model, then evaluate it")
+    _common(p)
+    p.add_argument("--iterations", type=int, help="train_task_model.iterations")
+    p.add_argument("--time-budget-s", type=float, help="stop after this long (resumable)")
+    p.add_argument("--init-from", help="start from an earlier checkpoint's weights with a fresh schedule")
+    p.add_argument("--evaluate-only", metavar="CHECKPOINT",
+                   help="skip training: write metrics and sensitivity for this checkpoint")
+    p.add_argument("--out", help="folder for metrics.json and sensitivity.csv (default: the work dir)")
+    p.add_argument("--sensitivity-images", type=int, default=400, help="test images for the sensitivity table")
+    return ap
+
+
+def _overrides(args) -> list[str]:
+    out = list(args.overrides)
+    if args.device:
+        out.append(f"device={args.device}")
+    if args.scheduler_address:
+        out.append(f"dask.scheduler_address={args.scheduler_address}")
+    if args.workers:
+        out.append(f"dask.n_workers={args.workers}")
+    if getattr(args, "store", None):
+        out.append(f"features.store={args.store}")
+    if getattr(args, "splits", None):
+        out.append(f"features.splits={json.dumps(args.splits)}")
+    if getattr(args, "allow_random_weights", False):
+        out.append("task_model.allow_random_weights=true")
+    if getattr(args, "iterations", None):
+        out.append(f"train_task_model.iterations={args.iterations}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.preset, _overrides(args))
+        if getattr(args, "images", None):
+            cfg.data.image_ids = {s: list(args.images) for s in cfg.features.splits}
+    except ConfigError as e:
+        print(f"mfiba: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+
+    # Local state before anything imports prefect (it fixes PREFECT_HOME at import).
+    from mfiba.runtime import LocalPrefectServer, setup_local_state
+
+    setup_local_state()
+    from storage.feature_store import InsufficientDiskError
+    from tasks.datasets.coco import DatasetError
+    from tasks.models.registry import WeightsNotFoundError
+
+    try:
+        if args.command == "data":
+            from tasks.datasets.sources import image_refs
+
+            refs = image_refs(cfg, ["train", "calib", "test"])
+            print(json.dumps({k: len(v) for k, v in refs.items()}))
+            return 0
+        with LocalPrefectServer() as server:
+            print(f"Prefect UI for this run: {server.ui_url}", file=sys.stderr)
+            if args.command == "features":
+                from flows.features import run_features
+
+                summary = run_features(cfg, overwrite=args.overwrite)
+                print(json.dumps({k: v for k, v in summary.items() if k != "skipped_reasons"}))
+            elif args.command == "train-task-model":
+                from flows.train_task_model import run_train_task_model
+
+                result = run_train_task_model(cfg, time_budget_s=args.time_budget_s, init_from=args.init_from,
+                                              evaluate_only=args.evaluate_only, out=args.out,
+                                              sensitivity_images=args.sensitivity_images)
+                print(json.dumps(result, indent=2))
+        return 0
+    except (DatasetError, WeightsNotFoundError, InsufficientDiskError, ConfigError) as e:
+        print(f"mfiba: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # flows re-raise task failures; name the stage and keep it short
+        from flows.features import StaleStoreError
+
+        if isinstance(e, StaleStoreError):
+            print(f"mfiba: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Datasets as the configuration names them: one `CocoDataset` per split, synthetic or COCO.
+
+The synthetic splits are rendered to COCO format on disk first, so both sources go through
+the same reader, selection and evaluation code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mfiba.config import Config
+from tasks.datasets.coco import CocoDataset, DatasetError
+from tasks.datasets.synthetic import SyntheticSpec, write_split
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """What a worker needs to load one image: small and picklable."""
+
+    split: str
+    image_id: int
+    path: str
+    file_name: str
+
+
+def synthetic_spec(cfg: Config) -> SyntheticSpec:
+    return SyntheticSpec(image_size=cfg.data.image_size, seed=cfg.data.seed)
+
+
+def ensure_synthetic_split(cfg: Config, split: str, progress=None) -> Path:
+    """Render the split unless its JSON (written last) is there for this many images."""
+    root = cfg.resolve_path(cfg.data.root)
+    ann = root / f"{split}.json"
+    if ann.exists():
+        ds = CocoDataset(root / split, ann)
+        if len(ds) == cfg.data.count(split):
+            return ann
+    return write_split(synthetic_spec(cfg), split, cfg.data.count(split), root, progress=progress)
+
+
+def open_split(cfg: Config, split: str, progress=None) -> CocoDataset:
+    if cfg.data.source == "synthetic":
+        ann = ensure_synthetic_split(cfg, split, progress)
+        return CocoDataset(ann.parent / split, ann)
+    try:
+        images = cfg.data.coco_images[split]
+        instances = cfg.data.coco_instances[split]
+    except KeyError as e:
+        raise DatasetError(f"data.coco_images / data.coco_instances: no entry for split {split!r}") from e
+    keypoints = cfg.data.coco_keypoints.get(split)
+    return CocoDataset(cfg.resolve_path(images), cfg.resolve_path(instances),
+                       cfg.resolve_path(keypoints) if keypoints else None)
+
+
+def select_split(cfg: Config, split: str, dataset: CocoDataset, exclude: set[int] = frozenset()) -> list[int]:
+    """The split's image ids: explicit ids, else a seeded subset by count.
+
+    `exclude` keeps splits drawn from the same COCO set (train and calib both come from
+    train2017) apart: calibration images are never feature-dataset images.
+    """
+    ids = cfg.data.image_ids.get(split)
+    if ids:
+        return dataset.select(ids=ids)
+    count = cfg.data.count(split)
+    if cfg.data.source == "synthetic":
+        return sorted(dataset.image_ids)[:count]
+    pool = [i for i in dataset.image_ids if i not in exclude]
+    if count > len(pool):
+        raise DatasetError(f"data.{split}_count={count} but only {len(pool)} images are available for split {split!r}")
+    import numpy as np
+
+    rng = np.random.default_rng([cfg.data.seed, ("train", "calib", "test").index(split)])
+    return sorted(int(i) for i in rng.choice(pool, size=count, replace=False))
+
+
+def image_refs(cfg: Config, splits: list[str], progress=None) -> dict[str, list[ImageRef]]:
+    """All selected images per split, with calibration disjoint from train (checked)."""
+    out: dict[str, list[ImageRef]] = {}
+    chosen: dict[str, set[int]] = {}
+    for split in ("train", "calib", "test"):
+        if split not in splits and not (split == "train" and "calib" in splits and cfg.data.source == "coco"):
+            continue
+        ds = open_split(cfg, split, progress)
+        exclude = chosen.get("train", set()) if split == "calib" else set()
+        ids = select_split(cfg, split, ds, exclude)
+        chosen[split] = set(ids)
+        if split in splits:
+            out[split] = [ImageRef(split, i, str(ds.image_dir / ds.image_info(i)["file_name"]),
+                                   ds.image_info(i)["file_name"]) for i in ids]
+    if "train" in chosen and "calib" in chosen and chosen["train"] & chosen["calib"]:
+        raise DatasetError("calibration and train splits overlap; calibration images must be held out")
+    return out

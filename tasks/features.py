@@ -1,0 +1,113 @@
+"""Feature extraction into the zarr store: the domain step behind the `features` flow.
+
+Runs inside Dask workers. The task model is built once per worker process and reused
+across batches; each image's features are written and marked complete before the next
+image starts, so a killed worker loses at most the images it held.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from PIL import Image
+
+from storage.feature_store import FeatureStore
+from tasks.datasets.coco import DatasetError
+from tasks.datasets.sources import ImageRef
+from tasks.models.registry import SCALES, STRIDES, TaskModel, build_task_model
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything a worker needs, picklable and hashable (it keys the model cache)."""
+
+    store_url: str
+    model_name: str
+    checkpoint: str | None
+    allow_random_weights: bool
+    device: str = "cpu"
+    threads: int = 1
+
+
+@dataclass
+class BatchResult:
+    written: list[int] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # image id -> reason
+    seconds_model: float = 0.0
+    seconds_store: float = 0.0
+    worker: str = ""
+
+
+@lru_cache(maxsize=2)
+def _cached_model(name: str, checkpoint: str | None, allow_random: bool, device: str) -> TaskModel:
+    return build_task_model(name, checkpoint, allow_random).to(device)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible to this worker")
+    return device
+
+
+def load_tensor(ref: ImageRef) -> torch.Tensor:
+    """The image as a float (3, H, W) tensor in [0, 1]; DatasetError names the file if unreadable."""
+    import numpy as np
+
+    try:
+        with Image.open(ref.path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except FileNotFoundError as e:
+        raise DatasetError(f"{ref.path}: image file not found (image id {ref.image_id})") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"{ref.path}: unreadable or truncated image (image id {ref.image_id}): {e}") from e
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def extract_batch(refs: list[ImageRef], settings: ExtractSettings) -> BatchResult:
+    """Extract and store the features of a batch of images; unreadable images are skipped
+    with their reason (the run goes on)."""
+    import socket
+
+    torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
+    store = FeatureStore(settings.store_url, mode="a")
+    result = BatchResult(worker=socket.gethostname())
+    loaded: list[tuple[ImageRef, torch.Tensor]] = []
+    for ref in refs:
+        try:
+            loaded.append((ref, load_tensor(ref)))
+        except DatasetError as e:
+            result.skipped[ref.image_id] = str(e)
+    # Images of one size run as one batch; other sizes run alone, since padding a batch to
+    # its largest image would change the features of the smaller ones.
+    groups: dict[tuple[int, int], list[tuple[ImageRef, torch.Tensor]]] = {}
+    for ref, img in loaded:
+        groups.setdefault(tuple(img.shape[-2:]), []).append((ref, img))
+    for items in groups.values():
+        t0 = time.perf_counter()
+        feats, meta = model.features([img for _, img in items])
+        t1 = time.perf_counter()
+        for i, (ref, img) in enumerate(items):
+            per_image = {s: feats[s][i].float().cpu().numpy() for s in SCALES}
+            attrs = {
+                "split": ref.split, "file_name": ref.file_name,
+                "input_size": list(meta.original_sizes[i]),
+                "model_input_size": list(meta.image_sizes[i]),
+                "batch_shape": list(meta.batch_shape),
+                "strides": {s: STRIDES[s] for s in SCALES},
+            }
+            try:
+                store.write_image(ref.image_id, per_image, attrs)
+                result.written.append(ref.image_id)
+            except ValueError as e:  # non-finite features: recorded, never stored
+                result.skipped[ref.image_id] = str(e)
+        result.seconds_model += t1 - t0
+        result.seconds_store += time.perf_counter() - t1
+    return result

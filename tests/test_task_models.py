@@ -1,0 +1,68 @@
+"""Task models split into features() and heads(): shapes, exactness, weights handling."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.models.demo import load_checkpoint
+from tasks.models.registry import SCALES, WeightsNotFoundError, available_task_models, build_task_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CKPT = REPO / "assets/demo-task-model/demo_task_model.pt"
+
+
+def _same_detections(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_registry_lists_models():
+    assert {"demo-multitask", "fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn",
+            "keypointrcnn_resnet50_fpn"} <= set(available_task_models())
+    with pytest.raises(ValueError, match="registered"):
+        build_task_model("yolo")
+
+
+def test_demo_checkpoint_is_small_and_splits_exactly():
+    assert DEMO_CKPT.stat().st_size < 30 * 2 ** 20
+    model = build_task_model("demo-multitask", str(DEMO_CKPT))
+    torch.manual_seed(0)
+    images = [torch.rand(3, 256, 256), torch.rand(3, 256, 256)]
+    feats, meta = model.features(images)
+    assert list(feats) == list(SCALES)
+    assert [tuple(feats[s].shape[-2:]) for s in SCALES] == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
+    for got, full in zip(model.heads(feats, meta), model.net(images)):
+        _same_detections(got, full)
+    assert set(model.heads(feats, meta)[0]) >= {"boxes", "masks", "keypoints"}
+
+
+def test_demo_checkpoint_roi_levels_are_set_for_256_px():
+    net, spec, extra = load_checkpoint(DEMO_CKPT)
+    assert net.roi_heads.box_roi_pool.canonical_scale == spec.roi_canonical_scale == 64
+
+
+def test_missing_coco_weights_give_one_actionable_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError) as e:
+        build_task_model("fasterrcnn_resnet50_fpn")
+    msg = str(e.value)
+    assert "fasterrcnn_resnet50_fpn_coco" in msg and str(tmp_path) in msg and "task_model.checkpoint" in msg
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        build_task_model("fasterrcnn_resnet50_fpn", checkpoint=str(tmp_path / "x.pth"))
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
+def test_torchvision_random_init_shapes_and_head_pass(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    model = build_task_model(name, allow_random_weights=True)
+    assert model.weights == "random-init"
+    image = torch.rand(3, 480, 640)
+    feats, meta = model.features([image])
+    expected = {"0": (200, 272), "1": (100, 136), "2": (50, 68), "3": (25, 34), "pool": (13, 17)}
+    assert {s: tuple(feats[s].shape[-2:]) for s in SCALES} == expected
+    assert all(feats[s].shape[1] == 256 for s in SCALES)
+    _same_detections(model.heads(feats, meta)[0], model.net([image])[0])
+    # 'pool' is an exact stride-2 subsample of '3' (what derived-'pool' mode relies on).
+    assert torch.equal(feats["pool"], feats["3"][..., ::2, ::2])
