@@ -72,7 +72,8 @@ def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -
             store.delete_image(iid)
     store.set_meta(**identity, code_version=code_version())
 
-    todo = [r for refs in refs_by_split.values() for r in refs if not store.has_image(r.image_id)]
+    done = set(store.image_ids())  # one listing, not one lookup per image
+    todo = [r for refs in refs_by_split.values() for r in refs if r.image_id not in done]
     total = sum(len(v) for v in refs_by_split.values())
     logger.info(f"features: {total} images selected ({ {k: len(v) for k, v in refs_by_split.items()} }), "
                 f"{total - len(todo)} already in the store, {len(todo)} to extract")

@@ -1,0 +1,127 @@
+"""The feature-codec contract and registry.
+
+Every codec turns one image's multiscale features into one self-decodable bitstream and
+back, in the same steps (compressai-style: small parts behind one compress/decompress):
+
+    per scale:  normalise -> pack into one 3-channel mosaic -> encode_mosaic (codec-specific)
+    decode:     decode_mosaic -> unpack -> denormalise
+
+A codec subclass implements only `encode_mosaic` / `decode_mosaic` (and says its phi range);
+packing, normalisation, derived 'pool' and the bitstream format are shared here.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from storage.bitstream import NO_CHECKPOINT, ScalePayload, StreamHeader, decode_stream, encode_stream
+from tasks.codecs.packing import NormParams, PackInfo, denormalise, normalise, pack, unpack
+
+_CODECS: dict[str, Callable[..., "FeatureCodec"]] = {}
+
+
+def register_codec(name: str):
+    """Class or factory decorator: `@register_codec("elic")`."""
+
+    def deco(obj):
+        if name in _CODECS:
+            raise ValueError(f"codec {name!r} is already registered")
+        _CODECS[name] = obj
+        return obj
+
+    return deco
+
+
+def available_codecs() -> list[str]:
+    return sorted(_CODECS)
+
+
+def build_codec(name: str, **kwargs) -> "FeatureCodec":
+    if name not in _CODECS:
+        raise ValueError(f"unknown codec {name!r}; registered: {available_codecs()}")
+    return _CODECS[name](**kwargs)
+
+
+def derive_pool(level3: torch.Tensor) -> torch.Tensor:
+    """torchvision's 'pool' is max_pool2d(P5, kernel 1, stride 2): an exact subsample of '3'."""
+    return level3[..., ::2, ::2]
+
+
+@dataclass(frozen=True)
+class MosaicCode:
+    strings: list[bytes]
+    latent_shape: tuple[int, ...]
+
+
+class FeatureCodec:
+    """Base class. Subclasses set `name` and implement encode_mosaic / decode_mosaic."""
+
+    name: str = "abstract"
+    stride: int = 64  # mosaics are padded to a multiple of this
+    phi_range: tuple[float, float] = (0.0, 1.0)
+    norm_mode: str = "minmax"
+
+    @property
+    def checkpoint_sha256(self) -> bytes:
+        """32 bytes identifying the weights (zeros for codecs without weights)."""
+        return NO_CHECKPOINT
+
+    # -- codec-specific ------------------------------------------------------------
+    def encode_mosaic(self, mosaic: torch.Tensor, phi: float) -> MosaicCode:
+        """mosaic: (3, H, W) in [0, 1], H and W multiples of `stride`."""
+        raise NotImplementedError
+
+    def decode_mosaic(self, code: MosaicCode, phi: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------
+    def check_phi(self, scale: str, phi: float) -> None:
+        low, high = self.phi_range
+        if not (low <= phi <= high):
+            raise ValueError(f"codec {self.name!r}: phi={phi} for scale {scale!r} is outside [{low}, {high}]")
+
+    def compress_scale(self, scale: str, x: torch.Tensor, phi: float) -> ScalePayload:
+        self.check_phi(scale, phi)
+        y, norm = normalise(x.float(), mode=self.norm_mode)
+        mosaic, info = pack(y, stride=self.stride)
+        code = self.encode_mosaic(mosaic, phi)
+        return ScalePayload(scale=scale, feature_shape=tuple(x.shape), packing=info.to_dict(),
+                            norm=norm.to_bytes(), phi=float(phi), strings=list(code.strings),
+                            latent_shape=tuple(code.latent_shape))
+
+    def decompress_scale(self, payload: ScalePayload) -> torch.Tensor:
+        info = PackInfo.from_dict(payload.packing)
+        mosaic = self.decode_mosaic(MosaicCode(payload.strings, tuple(payload.latent_shape)), payload.phi)
+        return denormalise(unpack(mosaic.clamp(0, 1), info), NormParams.from_bytes(payload.norm))
+
+    def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
+                 derived: Iterable[str] = ()) -> bytes:
+        """One image: features {scale: (C, H, W)} -> bitstream bytes. Scales in `derived`
+        (only 'pool' today) cost no payload and are rebuilt by the decoder."""
+        derived = set(derived)
+        if derived - {"pool"}:
+            raise ValueError(f"only 'pool' can be derived, got {sorted(derived)}")
+        parts = []
+        for scale, x in features.items():
+            p = phi if isinstance(phi, (int, float)) else phi[scale]
+            if scale in derived:
+                parts.append(ScalePayload(scale=scale, feature_shape=tuple(x.shape), packing={}, norm=b"",
+                                          phi=0.0, strings=[], latent_shape=(), derived=True))
+            else:
+                parts.append(self.compress_scale(scale, x, p))
+        return encode_stream(StreamHeader(codec=self.name, checkpoint_sha256=self.checkpoint_sha256), parts)
+
+    def decompress(self, data: bytes) -> "OrderedDict[str, torch.Tensor]":
+        _header, parts = decode_stream(data, expected_codec=self.name, expected_checkpoint=self.checkpoint_sha256)
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for p in parts:
+            if p.derived:
+                if "3" not in out:
+                    raise ValueError(f"scale {p.scale!r} is derived from '3', which the stream lacks")
+                out[p.scale] = derive_pool(out["3"])
+            else:
+                out[p.scale] = self.decompress_scale(p)
+        return out
