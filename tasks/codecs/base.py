@@ -106,11 +106,11 @@ class FeatureCodec:
             raise ValueError(f"only 'pool' can be derived, got {sorted(derived)}")
         parts = []
         for scale, x in features.items():
-            p = phi if isinstance(phi, (int, float)) else phi[scale]
             if scale in derived:
                 parts.append(ScalePayload(scale=scale, feature_shape=tuple(x.shape), packing={}, norm=b"",
                                           phi=0.0, strings=[], latent_shape=(), derived=True))
             else:
+                p = phi if isinstance(phi, (int, float)) else phi[scale]
                 parts.append(self.compress_scale(scale, x, p))
         return encode_stream(StreamHeader(codec=self.name, checkpoint_sha256=self.checkpoint_sha256), parts)
 
