@@ -80,6 +80,54 @@ class FeaturesConfig(_Strict):
     max_in_flight: int = Field(4, ge=1)
 
 
+CODEC_NAMES = ("bmshj2018-hyperprior", "mbt2018-mean", "elic", "elic-chandelier", "mean-scale-vbr",
+               "lic-tcm", "avif", "jpegxl", "external")
+
+
+class CodecSpec(_Strict):
+    """One feature codec: its registered architecture and where its weights are."""
+
+    name: Literal[CODEC_NAMES] = "bmshj2018-hyperprior"
+    checkpoint: str | None = None
+    # Architecture sizes of learned codecs (compressai's N and M).
+    N: int | None = Field(None, ge=8)
+    M: int | None = Field(None, ge=8)
+    # Rate points: the training Lagrange multipliers (fixed-rate families) or the phi range
+    # sampled for variable-rate models; quality settings for classical codecs.
+    phis: list[float] = Field(default_factory=list)
+    # What the codec was trained on: "features" (retrained) or "rgb" (natural-image stand-in).
+    trained_on: Literal["features", "rgb", "none"] = "features"
+    options: dict = Field(default_factory=dict)
+
+    @field_validator("phis")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not x >= 0]
+        if bad:
+            raise ValueError(f"rate settings must be >= 0, got {bad}")
+        return v
+
+
+class CodecsConfig(_Strict):
+    # Codecs by role; the allocation stages use `main`, reports compare the others.
+    main: CodecSpec = Field(default_factory=CodecSpec)
+    others: dict[str, CodecSpec] = Field(default_factory=dict)
+    # 'pool' coded as the paper does, or derived at the decoder from decoded '3' for 0 bits.
+    pool_mode: Literal["coded", "derived"] = "coded"
+
+
+class TrainCodecConfig(_Strict):
+    iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    patch_size: int = Field(128, ge=64, multiple_of=64)
+    lr: float = Field(1e-4, gt=0)
+    aux_lr: float = Field(1e-3, gt=0)
+    checkpoint_every: int = Field(200, ge=1)
+    work_dir: str = "runs/train-codec"
+    # The split of the feature store the mosaics come from (the paper: 40,000 train images).
+    split: Literal["train", "calib", "test"] = "train"
+
+
 class DaskConfig(_Strict):
     scheduler_address: str | None = None
     n_workers: int = Field(2, ge=1)
@@ -99,6 +147,8 @@ class Config(_Strict):
     task_model: TaskModelConfig = Field(default_factory=TaskModelConfig)
     train_task_model: TrainTaskModelConfig = Field(default_factory=TrainTaskModelConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    codecs: CodecsConfig = Field(default_factory=CodecsConfig)
+    train_codec: TrainCodecConfig = Field(default_factory=TrainCodecConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @model_validator(mode="after")
@@ -132,7 +182,7 @@ def _format_error(e: ValidationError, source: str) -> str:
         field = ".".join(str(x) for x in err["loc"])
         msg = err["msg"]
         ctx = err.get("ctx") or {}
-        if "expected" in ctx:
+        if "expected" in ctx and str(ctx["expected"]) not in msg:
             msg = f"{msg} (allowed: {ctx['expected']})"
         lines.append(f"  {field}: {msg}; got {err.get('input')!r}")
     return "\n".join(lines)

@@ -35,11 +35,20 @@ def register_codec(name: str):
     return deco
 
 
+def _register_builtin_codecs() -> None:
+    """Import the modules whose decorators register the built-in codecs (both import their
+    heavy backends, compressai and imagecodecs, lazily)."""
+    import tasks.codecs.classical  # noqa: F401
+    import tasks.codecs.learned  # noqa: F401
+
+
 def available_codecs() -> list[str]:
+    _register_builtin_codecs()
     return sorted(_CODECS)
 
 
 def build_codec(name: str, **kwargs) -> "FeatureCodec":
+    _register_builtin_codecs()
     if name not in _CODECS:
         raise ValueError(f"unknown codec {name!r}; registered: {available_codecs()}")
     return _CODECS[name](**kwargs)
