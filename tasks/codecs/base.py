@@ -40,6 +40,7 @@ def _register_builtin_codecs() -> None:
     heavy backends, compressai and imagecodecs, lazily)."""
     import tasks.codecs.classical  # noqa: F401
     import tasks.codecs.learned  # noqa: F401
+    import tasks.codecs.tcm  # noqa: F401
 
 
 def available_codecs() -> list[str]:

@@ -96,6 +96,8 @@ ARCHITECTURES: dict[str, tuple[str, int, int, bool, int]] = {
     "elic-chandelier": ("Elic2022Chandelier", 192, 320, False, 13),
     "mean-scale-vbr": ("MeanScaleHyperpriorVbr", 192, 320, True, 6),
 }
+# architecture (class name) -> module defining it, for models outside compressai.models
+EXTERNAL_ARCHITECTURES: dict[str, str] = {"TCM": "tasks.codecs.tcm"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -435,7 +437,12 @@ def save_codec(path: str | os.PathLike, codec: LearnedCodec) -> str:
 
 
 def _new_model(architecture: str, kwargs: Mapping, seed: int | None = 0) -> nn.Module:
-    cls = getattr(_compressai_models(), architecture, None)
+    if architecture in EXTERNAL_ARCHITECTURES:
+        import importlib
+
+        cls = getattr(importlib.import_module(EXTERNAL_ARCHITECTURES[architecture]), architecture, None)
+    else:
+        cls = getattr(_compressai_models(), architecture, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise ValueError(f"unknown compressai architecture {architecture!r}")
     with torch.random.fork_rng(devices=[]):
