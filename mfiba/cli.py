@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip training: write metrics and sensitivity for this checkpoint")
     p.add_argument("--out", help="folder for metrics.json and sensitivity.csv (default: the work dir)")
     p.add_argument("--sensitivity-images", type=int, default=400, help="test images for the sensitivity table")
+
+    p = sub.add_parser("train-codec", help="train (or resume) the configured learned codecs on feature mosaics")
+    _common(p)
+
+    p = sub.add_parser("codec-report", help="code stored test features with every configured codec and measure")
+    _common(p)
+    p.add_argument("--images", type=int, default=8, help="test images to code")
     return ap
 
 
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.preset, _overrides(args))
-        if getattr(args, "images", None):
+        if args.command == "features" and args.images:
             cfg.data.image_ids = {s: list(args.images) for s in cfg.features.splits}
     except ConfigError as e:
         print(f"mfiba: {e}", file=sys.stderr)
@@ -116,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                                               evaluate_only=args.evaluate_only, out=args.out,
                                               sensitivity_images=args.sensitivity_images)
                 print(json.dumps(result, indent=2))
+            elif args.command == "train-codec":
+                from flows.train_codec import run_train_codec
+
+                print(json.dumps(run_train_codec(cfg), indent=2, default=str))
+            elif args.command == "codec-report":
+                from flows.codec_report import run_codec_report
+
+                print(run_codec_report(cfg, images=args.images))
         return 0
     except (DatasetError, WeightsNotFoundError, InsufficientDiskError, ConfigError) as e:
         print(f"mfiba: {e}", file=sys.stderr)
