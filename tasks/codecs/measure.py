@@ -114,7 +114,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                "bpp_input": bits.sum() / per_image.input_pixels.sum(),
                "bpp_input_mean": float(np.mean(bits / per_image.input_pixels)),
                "bits_per_mosaic_pixel": bits.sum() / max(1, per_image.mosaic_pixels.sum()),
-               "bpp_input_estimated": per_image.est.sum() / per_image.input_pixels.sum(),
+               "bpp_input_estimated": per_image.est.sum(min_count=len(per_image)) / per_image.input_pixels.sum(),
                "seconds_encode": per_image.enc.mean(), "seconds_decode": per_image.dec.mean()}
         row["estimate_gap_percent"] = 100 * (row["bpp_input"] - row["bpp_input_estimated"]) / row["bpp_input"]
         for s, gs in g.groupby("scale"):
