@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on the embedded default: synthetic data, the committed demo model, local
-# Prefect server, LocalCluster, local zarr store. (Codec, precoding, fitting and evaluation
-# stages join this target as they land.)
+# Prefect server, LocalCluster, local zarr store, the committed demo codecs. (Precoding,
+# fitting and evaluation stages join this target as they land.)
 demo: $(STAMP)
 	$(BIN)/mfiba features --preset demo
+	$(BIN)/mfiba codec-report --preset demo
 	@echo ""
-	@echo "Feature store: runs/demo/features.zarr   stage manifest: runs/demo/manifests/features.json"
+	@echo "Feature store: runs/demo/features.zarr   stage manifests: runs/demo/manifests/"
+	@echo "Codec report: runs/demo/codec-report/summary.csv (bitstreams under runs/demo/codec-report/streams/)"
 	@echo "Prefect UI: run 'PREFECT_HOME=.state/prefect $(BIN)/prefect server start --host 127.0.0.1' and open http://127.0.0.1:4200"
 
 test: $(STAMP)

@@ -53,15 +53,16 @@ def _store_url(cfg: Config) -> str:
 
 def trainable_families(cfg: Config) -> list[dict]:
     """The families to train: [{key, roles, spec (json dict)}], in config order (main first)."""
-    from tasks.codecs.learned import ARCHITECTURES
+    from tasks.codecs.base import available_codecs
 
+    trainable = sorted(set(available_codecs()) - set(CLASSICAL))
     families: dict[str, dict] = {}
     for role, spec in [("main", cfg.codecs.main), *cfg.codecs.others.items()]:
         if spec.trained_on == "none" or spec.name in CLASSICAL:
             continue
-        if spec.name not in ARCHITECTURES:
+        if spec.name not in trainable:
             raise TrainCodecError(f"codecs.{role}: {spec.name!r} cannot be trained here (trainable: "
-                                  f"{sorted(ARCHITECTURES)}); set its trained_on to 'none' to use it with its "
+                                  f"{trainable}); set its trained_on to 'none' to use it with its "
                                   f"checkpoint as it is")
         d = spec.model_dump(mode="json")
         d.pop("checkpoint", None)

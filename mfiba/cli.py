@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-codec", help="train (or resume) the configured learned codecs on feature mosaics")
     _common(p)
+    p.add_argument("--time-budget-s", type=float, help="stop after this long (resumable)")
 
     p = sub.add_parser("codec-report", help="code stored test features with every configured codec and measure")
     _common(p)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "train-codec":
                 from flows.train_codec import run_train_codec
 
-                print(json.dumps(run_train_codec(cfg), indent=2, default=str))
+                print(json.dumps(run_train_codec(cfg, time_budget_s=args.time_budget_s), indent=2, default=str))
             elif args.command == "codec-report":
                 from flows.codec_report import run_codec_report
 
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # flows re-raise task failures; name the stage and keep it short
         from flows.features import StaleStoreError
+        from flows.train_codec import TrainCodecError
 
-        if isinstance(e, StaleStoreError):
+        if isinstance(e, (StaleStoreError, TrainCodecError)):
             print(f"mfiba: {e}", file=sys.stderr)
             return 2
         raise

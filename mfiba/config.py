@@ -107,6 +107,14 @@ class CodecSpec(_Strict):
             raise ValueError(f"rate settings must be >= 0, got {bad}")
         return v
 
+    @model_validator(mode="after")
+    def _vbr_levels(self) -> "CodecSpec":
+        # compressai's MeanScaleHyperpriorVbr has 8 gain levels, one per training lambda.
+        if self.name == "mean-scale-vbr" and self.phis and (
+                len(self.phis) != 8 or sorted(self.phis) != self.phis):
+            raise ValueError(f"mean-scale-vbr takes 8 increasing lambdas in phis, got {self.phis}")
+        return self
+
 
 class CodecsConfig(_Strict):
     # Codecs by role; the allocation stages use `main`, reports compare the others.

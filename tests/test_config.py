@@ -31,6 +31,10 @@ def test_overrides_apply_and_change_the_digest():
     ("data.test_count=-3", ["data.test_count", "greater than or equal to 0"]),
     ("data.nope=1", ["data.nope", "Extra inputs"]),
     ("data.image_ids={val: [1]}", ["data.image_ids", "unknown split"]),
+    ("codecs.main.name=vtm", ["codecs.main.name", "'avif'", "'vtm'"]),
+    ("codecs.main.phis=[-0.1]", ["codecs.main.phis", ">= 0"]),
+    ("codecs.main.phis=[0.1, 0.2]", ["codecs.main", "8 increasing lambdas"]),
+    ("codecs.pool_mode=skip", ["codecs.pool_mode", "'coded' or 'derived'"]),
 ])
 def test_wrong_values_name_field_and_allowed(override, words):
     with pytest.raises(ConfigError) as e:

@@ -52,6 +52,13 @@ Checkpoints
     for the CDF tables) and writes it with `save_codec` (format "mfiba-codec/1") plus
     `curves.json`, `curves.png` and `summary.json`.
 
+Which codecs: every learned codec of the registry (`build_codec`): bmshj2018-hyperprior,
+mbt2018-mean, elic, elic-chandelier, mean-scale-vbr, lic-tcm. A CodecSpec's fields: N, M
+(None: the codec's default), phis (the training lambdas; default compressai's eight),
+options["arch"] (extra constructor kwargs: ELIC's groups, TCM's config, ...),
+options["train"] (overrides of `CodecTrainSettings` fields for this codec) and
+options["norm_mode"] (the flow's MosaicDataset normalisation, default "minmax").
+
 `import compressai` costs ~7 s: it is imported lazily, inside functions.
 """
 from __future__ import annotations
@@ -62,7 +69,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -558,21 +565,23 @@ def family_lambdas(spec, variable_rate: bool) -> list[float] | None:
 
 
 def build_untrained(spec, seed: int = 0) -> tuple[str, dict, list[nn.Module], bool]:
-    """(compressai architecture, constructor kwargs, models, variable_rate) for a spec:
-    N / M from the spec (else the registry default) and `options["arch"]` (e.g. ELIC's
-    groups) as extra constructor kwargs."""
-    from tasks.codecs.learned import ARCHITECTURES, _new_model
+    """(architecture, constructor kwargs, models, variable_rate) for a spec, through the codec
+    registry (`build_codec(name, N=, M=, lmbda=, seed=)`), so every registered learned codec
+    trains the same way (compressai's, and LIC-TCM). N / M come from the spec (None: the
+    codec's default); `options["arch"]` adds constructor kwargs (ELIC's groups, TCM's config)."""
+    from tasks.codecs.base import build_codec
+    from tasks.codecs.learned import ARCHITECTURES, LearnedCodec
 
-    name = spec.name
-    if name not in ARCHITECTURES:
-        raise ValueError(f"codec {name!r} is not a trainable learned codec; trainable: {sorted(ARCHITECTURES)}")
-    architecture, default_n, default_m, variable_rate, _ = ARCHITECTURES[name]
     options = dict(getattr(spec, "options", None) or {})
-    kwargs = {"N": spec.N or default_n, "M": spec.M or default_m, **dict(options.get("arch", {}))}
-    lams = family_lambdas(spec, variable_rate)
-    count = 1 if variable_rate else len(lams)
-    models = [_new_model(architecture, kwargs, seed + i) for i in range(count)]
-    return architecture, kwargs, models, variable_rate
+    probe_vbr = spec.name in ARCHITECTURES and ARCHITECTURES[spec.name][3]
+    lams = family_lambdas(spec, probe_vbr)
+    codec = build_codec(spec.name, N=spec.N, M=spec.M, lmbda=None if probe_vbr else lams, seed=seed, threads=None,
+                        **dict(options.get("arch", {})))
+    if not isinstance(codec, LearnedCodec):
+        raise ValueError(f"codec {spec.name!r} is not a learned codec: nothing to train")
+    if codec.variable_rate != probe_vbr:
+        raise ValueError(f"codec {spec.name!r}: unexpected variable_rate={codec.variable_rate}")
+    return codec.architecture, dict(codec.kwargs), list(codec.models), codec.variable_rate
 
 
 def _fixed_patches(dataset, n: int, seed: int) -> torch.Tensor:
