@@ -6,14 +6,12 @@ MSE per scale and each scale's share of the bits, with 'pool' coded and derived.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from mfiba.config import CodecSpec, Config
 from storage.feature_store import FeatureStore
-from tasks.codecs.measure import measure_codec, summarise
+from tasks.codecs.measure import measure_codec, retrained_vs_rgb, summarise
 
 
 def build_from_spec(cfg: Config, spec: CodecSpec):
@@ -61,6 +59,10 @@ def codec_report_flow(config: dict, preset: str = "demo", images: int = 8) -> st
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "per_image_scale.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False, float_format="%.6g")
+    bd = retrained_vs_rgb(summary)
+    bd.to_csv(out / "bdrate_feature_mse.csv", index=False, float_format="%.3f")
+    if not bd.empty:
+        logger.info("retrained on features vs trained on RGB, BD-rate on feature PSNR:\n" + bd.to_string(index=False))
     md = "```\n" + summary.round(4).to_string(index=False) + "\n```"
     create_markdown_artifact(md, key="codec-report", description=f"codecs on {len(ids)} test images")
     logger.info(f"codec report: {out / 'summary.csv'} ({len(ids)} test images)")

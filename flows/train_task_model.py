@@ -47,7 +47,7 @@ def evaluate_task(cfg_dict: dict, checkpoint: str, out_dir: str, sensitivity_ima
     ids = sorted(test.image_ids)[:cfg.data.test_count]
     model = build_task_model("demo-multitask", checkpoint)
     metrics = evaluate_model(model, test, ids)
-    logger.info(f"test AP: " + ", ".join(f"{k} {v['AP']:.3f}" for k, v in metrics.items()))
+    logger.info("test AP: " + ", ".join(f"{k} {v['AP']:.3f}" for k, v in metrics.items()))
     images = load_images(test, ids)
     table = sensitivity_table(model, images, ids, test.to_coco(ids), steps=(1.0, 3.0),
                               progress=logger.info)

@@ -56,12 +56,11 @@ import json
 import math
 import os
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
-import fsspec
+from storage.urls import atomic_write_bytes, read_bytes
+
 
 MAGIC = b"MFBS"
 FORMAT_VERSION = 1
@@ -410,42 +409,10 @@ def part_sizes(data: bytes) -> dict[str, int]:
 # --------------------------------------------------------------------------- files
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
-
-
 def write_stream(path_or_url: str | os.PathLike, data: bytes) -> str:
-    """Write a stream. Local paths: temp file in the same directory, fsync, rename, so a
-    reader never sees a partial stream. URLs: fsspec (object-store PUTs are atomic)."""
-    path = str(path_or_url)
-    if _is_local(path):
-        p = _local(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        # A unique hidden name opened with "x" (not mkstemp) so the file gets the usual
-        # umask permissions rather than 0600.
-        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return str(p)
-    with fsspec.open(path, "wb", auto_mkdir=True) as f:
-        f.write(data)
-    return path
+    """Write a stream atomically (a reader never sees a partial stream)."""
+    return atomic_write_bytes(path_or_url, data)
 
 
 def read_stream(path_or_url: str | os.PathLike) -> bytes:
-    path = str(path_or_url)
-    if _is_local(path):
-        return _local(path).read_bytes()
-    with fsspec.open(path, "rb") as f:
-        return f.read()
+    return read_bytes(path_or_url)

@@ -28,13 +28,14 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.api.asynchronous as za
 import zarr.codecs
+
+from storage.urls import is_local, local_path
 from zarr.core.sync import sync  # runs a store coroutine on zarr's own event loop
 from zarr.storage import FsspecStore, LocalStore
 
@@ -54,14 +55,6 @@ class InsufficientDiskError(OSError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> Path:
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    return Path(url).expanduser()
 
 
 def image_key(image_id: int) -> str:
@@ -141,8 +134,8 @@ class FeatureStore:
         self.url = str(url)
         self.mode = mode
         read_only = mode == "r"
-        if _is_local(self.url):
-            path = _local_path(self.url)
+        if is_local(self.url):
+            path = local_path(self.url)
             if not read_only:
                 path.mkdir(parents=True, exist_ok=True)
             self._store = LocalStore(str(path), read_only=read_only)
@@ -248,7 +241,6 @@ class FeatureStore:
         if self.mode == "r":
             raise PermissionError(f"{self} is read-only")
         image_id = int(image_id)
-        key = image_key(image_id)
         if not features:
             raise ValueError(f"image {image_id}: no features given")
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
@@ -389,9 +381,9 @@ def check_disk_space(path_or_url: str, needed_bytes: int, safety: float = 1.1) -
 
     Returns the free bytes for local targets, None for remote URLs (not checked)."""
     target = str(path_or_url)
-    if not _is_local(target):
+    if not is_local(target):
         return None
-    p = _local_path(target).absolute()
+    p = local_path(target).absolute()
     while not p.exists() and p != p.parent:  # the store may not exist yet
         p = p.parent
     free = shutil.disk_usage(p).free

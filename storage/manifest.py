@@ -14,14 +14,14 @@ import json
 import os
 import re
 import subprocess
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from storage.urls import atomic_write_bytes, is_local, local_path
 
 MANIFEST_DIR = "manifests"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,14 +75,6 @@ class StageManifest:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
-
-
 def manifest_path(run_dir_or_url: str | os.PathLike, stage: str) -> str:
     if not _STAGE_RE.fullmatch(stage):
         raise ValueError(f"invalid stage name {stage!r}")
@@ -96,32 +88,15 @@ def write_manifest(run_dir_or_url: str | os.PathLike, manifest: StageManifest) -
     never see a partial file. URLs go through fsspec (object-store PUTs are atomic)."""
     manifest.updated = _now()
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    path = manifest_path(run_dir_or_url, manifest.stage)
-    if _is_local(path):
-        p = _local(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".{uuid.uuid4().hex[:8]}.tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return str(p)
-    with fsspec.open(path, "w", encoding="utf-8", auto_mkdir=True) as f:
-        f.write(text)
-    return path
+    return atomic_write_bytes(manifest_path(run_dir_or_url, manifest.stage), text.encode("utf-8"))
 
 
 def read_manifest(run_dir_or_url: str | os.PathLike, stage: str) -> StageManifest | None:
     """The stage's manifest, or None if it was never written."""
     path = manifest_path(run_dir_or_url, stage)
     try:
-        if _is_local(path):
-            text = _local(path).read_text(encoding="utf-8")
+        if is_local(path):
+            text = local_path(path).read_text(encoding="utf-8")
         else:
             with fsspec.open(path, "r", encoding="utf-8") as f:
                 text = f.read()
@@ -166,7 +141,7 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a local file or fsspec URL, read in chunks (constant memory)."""
     h = hashlib.sha256()
     p = str(path)
-    opener = open(_local(p), "rb") if _is_local(p) else fsspec.open(p, "rb").open()
+    opener = open(local_path(p), "rb") if is_local(p) else fsspec.open(p, "rb").open()
     with opener as f:
         while chunk := f.read(chunk_size):
             h.update(chunk)

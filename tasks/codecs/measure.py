@@ -96,7 +96,7 @@ def measure_codec(codec: FeatureCodec, store: FeatureStore, image_ids: list[int]
                     "codec": codec.name, "phi": phi, "image_id": iid, "scale": s, "derived": s in derived,
                     "bits": coded.bits_per_scale[s], "estimated_bits": coded.estimated_bits_per_scale.get(s, np.nan),
                     "mosaic_pixels": coded.mosaic_pixels[s], "input_pixels": coded.input_pixels,
-                    "bytes_total": coded.bytes_total, "mse": coded.mse_per_scale[s],
+                    "bytes_total": coded.bytes_total, "mse": coded.mse_per_scale[s], "elements": feats[s].numel(),
                     "seconds_encode": coded.seconds_encode, "seconds_decode": coded.seconds_decode,
                 })
     return pd.DataFrame(rows)
@@ -117,8 +117,30 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                "bpp_input_estimated": per_image.est.sum(min_count=len(per_image)) / per_image.input_pixels.sum(),
                "seconds_encode": per_image.enc.mean(), "seconds_decode": per_image.dec.mean()}
         row["estimate_gap_percent"] = 100 * (row["bpp_input"] - row["bpp_input_estimated"]) / row["bpp_input"]
+        # All scales together: squared error over every feature value of every image.
+        row["mse_all"] = float((g.mse * g.elements).sum() / g.elements.sum())
+        row["feature_psnr_db"] = float(-10 * np.log10(max(row["mse_all"], 1e-30)))
         for s, gs in g.groupby("scale"):
             row[f"mse_{s}"] = gs.mse.mean()
             row[f"bits_share_{s}"] = gs.bits.sum() / bits.sum()
         out.append(row)
     return pd.DataFrame(out)
+
+
+def retrained_vs_rgb(summary: pd.DataFrame) -> pd.DataFrame:
+    """BD-rate on feature PSNR of each codec retrained on features against the same
+    architecture trained on RGB images ('pool' coded): the codec issue's quality bar."""
+    from tasks.bdrate import METHODS, bd_rate
+
+    rows = []
+    coded = summary[summary["pool"] == "coded"]
+    for (codec, trained_on), test in coded.groupby(["codec", "trained_on"]):
+        anchor = coded[(coded.codec == codec) & (coded.trained_on == "rgb")]
+        if trained_on != "features" or anchor.empty:
+            continue
+        for method in METHODS:
+            res = bd_rate(anchor.bpp_input, anchor.feature_psnr_db, test.bpp_input, test.feature_psnr_db, method=method)
+            rows.append({"codec": codec, "test": "features", "anchor": "rgb", "interpolation": method,
+                         "bd_rate_percent": res.bd_rate_percent, "non_monotonic": res.non_monotonic,
+                         "note": res.reason})
+    return pd.DataFrame(rows)

@@ -163,7 +163,7 @@ def train_demo_model(
 
     model.train()
     started = time.time()
-    stop, bad_steps = False, 0
+    stop, bad_steps, t_step5 = False, 0, started
     while step < train_spec.iterations and not stop:
         for images, targets in loader:
             images = [i.to(device, non_blocking=True) for i in images]
