@@ -9,29 +9,18 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from mfiba.config import CodecSpec, Config
+from mfiba.config import Config
 from storage.feature_store import FeatureStore
+from tasks.codecs.base import build_codec_from_spec
 from tasks.codecs.measure import measure_codec, retrained_vs_rgb, summarise
-
-
-def build_from_spec(cfg: Config, spec: CodecSpec):
-    from tasks.codecs.base import build_codec
-
-    kwargs = dict(spec.options)
-    if spec.checkpoint:
-        kwargs["checkpoint"] = str(cfg.resolve_path(spec.checkpoint))
-    for key in ("N", "M"):
-        if getattr(spec, key) is not None and not spec.checkpoint:
-            kwargs[key] = getattr(spec, key)
-    return build_codec(spec.name, **kwargs)
 
 
 @task(name="measure-codec", task_run_name="measure-{label}-pool-{pool_mode}")
 def measure_task(cfg_dict: dict, label: str, pool_mode: str, image_ids: list[int]):
     cfg = Config(**cfg_dict)
     spec = cfg.codecs.main if label == "main" else cfg.codecs.others[label]
-    codec = build_from_spec(cfg, spec)
-    store = FeatureStore(str(cfg.resolve_path(cfg.features.store)), mode="r")
+    codec = build_codec_from_spec(spec, label, cfg.resolve_path)
+    store = FeatureStore(cfg.store_url(), mode="r")
     out = cfg.resolve_path(cfg.run_dir) / "codec-report" / "streams" / f"{label}-{pool_mode}"
     table = measure_codec(codec, store, image_ids, spec.phis, out, derived=("pool",) if pool_mode == "derived" else ())
     table.insert(0, "label", label)
@@ -46,8 +35,16 @@ def codec_report_flow(config: dict, preset: str = "demo", images: int = 8) -> st
 
     cfg = Config(**config)
     logger = get_run_logger()
-    store = FeatureStore(str(cfg.resolve_path(cfg.features.store)), mode="r")
-    ids = [i for i in store.image_ids() if store.read_attrs(i)["split"] == "test"][:images]
+    try:
+        store = FeatureStore(cfg.store_url(), mode="r")
+    except Exception as e:
+        raise RuntimeError(f"cannot open the feature store {cfg.store_url()} ({e}): run `mfiba features` first") from e
+    ids = []
+    for i in store.image_ids():  # stop reading attributes once enough test images are found
+        if store.read_attrs(i)["split"] == "test":
+            ids.append(i)
+            if len(ids) == images:
+                break
     if not ids:
         raise RuntimeError(f"no test-split features in {store.url}: run `mfiba features` first")
     labels = ["main", *cfg.codecs.others]

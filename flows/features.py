@@ -17,8 +17,9 @@ from mfiba.config import Config
 from storage.feature_store import FeatureStore, check_disk_space, estimate_store_bytes, human_bytes
 from storage.manifest import StageManifest, code_version, file_sha256, write_manifest
 from tasks.datasets.sources import image_refs
-from tasks.features import BatchResult, ExtractSettings, extract_batch, load_tensor, resolve_device
-from tasks.models.registry import SCALES, build_task_model
+from tasks.device import resolve_device
+from tasks.features import BatchResult, ExtractSettings, extract_batch, load_tensor
+from tasks.models.registry import SCALES, TaskModel, build_task_model
 
 
 class StaleStoreError(RuntimeError):
@@ -31,16 +32,16 @@ def extract_features_task(refs, settings: ExtractSettings, split: str, first: in
     return extract_batch(refs, settings)
 
 
-def weights_identity(cfg: Config) -> str:
-    ckpt = cfg.task_model.checkpoint
-    if ckpt and cfg.resolve_path(ckpt).exists():
-        return "sha256:" + file_sha256(cfg.resolve_path(ckpt))
-    return "random-init" if cfg.task_model.allow_random_weights else "torchvision-default"
+def weights_identity(model: TaskModel) -> str:
+    """What was actually loaded (not what was asked for): a hash of the weights file, or
+    'random-init'."""
+    if model.weights == "random-init":
+        return "random-init"
+    return "sha256:" + file_sha256(model.weights)
 
 
-def _probe_bytes_per_image(cfg: Config, ref, device: str) -> int:
+def _probe_bytes_per_image(model: TaskModel, ref) -> int:
     """Bytes of one image's features in float16, measured on the first image."""
-    model = build_task_model(cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights).to(device)
     feats, _ = model.features([load_tensor(ref)])
     return sum(int(feats[s][0].numel()) * 2 for s in SCALES)
 
@@ -56,9 +57,11 @@ def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -
     logger = get_run_logger()
     device = resolve_device(cfg.device)
     refs_by_split = image_refs(cfg, list(cfg.features.splits))
-    store_url = str(cfg.resolve_path(cfg.features.store)) if "://" not in cfg.features.store else cfg.features.store
-    identity = {"task_model": cfg.task_model.name, "weights": weights_identity(cfg),
-                "model_config_digest": cfg.digest("task_model"), "data_digest": cfg.digest("data")}
+    store_url = cfg.store_url()
+    # Built here once (CPU) to know which weights were really loaded and to size the store.
+    model = build_task_model(cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights)
+    identity = {"task_model": cfg.task_model.name, "weights": weights_identity(model),
+                "model_config_digest": cfg.digest("task_model"), "data_digest": cfg.data_identity()}
     store = FeatureStore(store_url, mode="a")
     existing = {k: store.meta.get(k) for k in identity}
     if any(v is not None for v in existing.values()) and existing != identity:
@@ -78,11 +81,12 @@ def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -
     logger.info(f"features: {total} images selected ({ {k: len(v) for k, v in refs_by_split.items()} }), "
                 f"{total - len(todo)} already in the store, {len(todo)} to extract")
     if todo:
-        per_image = _probe_bytes_per_image(cfg, todo[0], "cpu" if device == "cuda" else device)
+        per_image = _probe_bytes_per_image(model, todo[0])
         needed = estimate_store_bytes(len(todo), 1, {"all": (1, per_image // 2)})
         check_disk_space(store_url, needed)
         logger.info(f"estimated store growth {human_bytes(needed)} ({human_bytes(per_image)} per image, float16)")
 
+    del model  # workers build their own
     settings = ExtractSettings(store_url, cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights,
                                device, cfg.dask.threads_per_worker)
     bs = cfg.features.batch_size

@@ -35,7 +35,6 @@ from flows.common import dask_task_runner, gpu_annotation
 from mfiba.config import CodecSpec, Config
 from storage.manifest import StageManifest, write_manifest
 
-CLASSICAL = ("avif", "jpegxl", "external")
 
 
 class TrainCodecError(RuntimeError):
@@ -46,19 +45,14 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _store_url(cfg: Config) -> str:
-    s = cfg.features.store
-    return s if "://" in s else str(cfg.resolve_path(s))
-
-
 def trainable_families(cfg: Config) -> list[dict]:
     """The families to train: [{key, roles, spec (json dict)}], in config order (main first)."""
-    from tasks.codecs.base import available_codecs
+    from tasks.codecs.base import CLASSICAL_CODECS, available_codecs
 
-    trainable = sorted(set(available_codecs()) - set(CLASSICAL))
+    trainable = sorted(set(available_codecs()) - set(CLASSICAL_CODECS))
     families: dict[str, dict] = {}
     for role, spec in [("main", cfg.codecs.main), *cfg.codecs.others.items()]:
-        if spec.trained_on == "none" or spec.name in CLASSICAL:
+        if spec.trained_on == "none" or spec.name in CLASSICAL_CODECS:
             continue
         if spec.name not in trainable:
             raise TrainCodecError(f"codecs.{role}: {spec.name!r} cannot be trained here (trainable: "
@@ -96,7 +90,7 @@ def _family_data(cfg: Config, trained_on: str, cache: dict) -> dict:
                              "images": _sha([r.file_name for r in refs])}}
     from storage.feature_store import FeatureStore
 
-    url = _store_url(cfg)
+    url = cfg.store_url()
     if "://" not in url and not Path(url).exists():
         raise TrainCodecError(f"feature store {url} does not exist: run `mfiba features` first")
     store = FeatureStore(url, mode="r")
@@ -186,7 +180,7 @@ def train_family_task(config: dict, key: str, family: dict, fam_dir: str, device
 
 @flow(name="train-codec", flow_run_name="train-codec-{preset}")
 def train_codec_flow(config: dict, preset: str = "demo", time_budget_s: float | None = None) -> dict:
-    from tasks.features import resolve_device
+    from tasks.device import resolve_device
 
     cfg = Config(**config)
     logger = get_run_logger()
@@ -247,7 +241,7 @@ def run_train_codec(cfg: Config, time_budget_s: float | None = None, local: bool
     ("<codec>-<trained_on>"): roles, codec (the codec file, None while incomplete),
     complete, reused, lambdas, bpp, mse, psnr (eval-mode, per lambda), steps, seconds,
     work_dir, digest. `local=True` runs the tasks in this process (no Dask cluster)."""
-    from tasks.features import resolve_device
+    from tasks.device import resolve_device
 
     if local:
         from prefect.task_runners import ThreadPoolTaskRunner

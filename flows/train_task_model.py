@@ -21,6 +21,7 @@ from tasks.models.demo import DemoModelSpec
 from tasks.models.registry import build_task_model
 from tasks.models.sensitivity import costliest_scale_by_area, sensitivity_table
 from tasks.models.training import TrainSpec, train_demo_model
+from tasks.device import resolve_device
 
 
 @task(name="train-demo-model")
@@ -29,7 +30,7 @@ def train_task(cfg_dict: dict, time_budget_s: float | None, init_from: str | Non
     t = cfg.train_task_model
     spec = TrainSpec(iterations=t.iterations, batch_size=t.batch_size, lr=t.lr, train_images=t.train_images,
                      checkpoint_every=t.checkpoint_every, workers=t.loader_workers, seed=cfg.seed)
-    device = "cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
     logger = get_run_logger()
     path = train_demo_model(cfg.resolve_path(t.work_dir), DemoModelSpec(image_size=cfg.data.image_size),
                             synthetic_spec(cfg), spec, device=device, time_budget_s=time_budget_s,

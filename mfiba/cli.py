@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.preset, _overrides(args))
         if args.command == "features" and args.images:
-            cfg.data.image_ids = {s: list(args.images) for s in cfg.features.splits}
+            if len(cfg.features.splits) != 1:
+                raise ConfigError(f"--images needs exactly one split (--splits), got {cfg.features.splits}: "
+                                  "image ids differ per split")
+            cfg.data.image_ids = {cfg.features.splits[0]: list(args.images)}
     except ConfigError as e:
         print(f"mfiba: {e}", file=sys.stderr)
         return 2

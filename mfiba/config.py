@@ -97,6 +97,8 @@ class CodecSpec(_Strict):
     phis: list[float] = Field(default_factory=list)
     # What the codec was trained on: "features" (retrained) or "rgb" (natural-image stand-in).
     trained_on: Literal["features", "rgb", "none"] = "features"
+    # options: "arch" (constructor kwargs, e.g. ELIC groups), "train" (training overrides),
+    # "codec" (codec kwargs, e.g. AVIF bit_depth or the external commands), "norm_mode".
     options: dict = Field(default_factory=dict)
 
     @field_validator("phis")
@@ -171,6 +173,18 @@ class Config(_Strict):
         """Relative paths are relative to the repository root, never to the caller's cwd."""
         p = Path(value).expanduser()
         return p if p.is_absolute() else REPO_ROOT / p
+
+    def store_url(self) -> str:
+        """The feature store as a local path (relative to the repo root) or an fsspec URL."""
+        s = self.features.store
+        return s if "://" in s else str(self.resolve_path(s))
+
+    def data_identity(self) -> str:
+        """Hash of what decides an image's pixels (source, paths, size, seed), not of which
+        images are selected: adding images to a run keeps its stored features valid."""
+        d = self.data.model_dump(mode="json")
+        keep = {k: d[k] for k in ("source", "root", "image_size", "coco_images", "seed")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def digest(self, *sections: str) -> str:
         """Stable hash of the given sections (all if none): what a stage output depends on."""

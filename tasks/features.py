@@ -16,6 +16,7 @@ from PIL import Image
 from storage.feature_store import FeatureStore
 from tasks.datasets.coco import DatasetError
 from tasks.datasets.sources import ImageRef
+from tasks.device import resolve_device
 from tasks.models.registry import SCALES, STRIDES, TaskModel, build_task_model
 
 
@@ -43,14 +44,6 @@ class BatchResult:
 @lru_cache(maxsize=2)
 def _cached_model(name: str, checkpoint: str | None, allow_random: bool, device: str) -> TaskModel:
     return build_task_model(name, checkpoint, allow_random).to(device)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible to this worker")
-    return device
 
 
 def load_tensor(ref: ImageRef) -> torch.Tensor:

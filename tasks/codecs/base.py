@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -53,6 +54,30 @@ def build_codec(name: str, **kwargs) -> "FeatureCodec":
     if name not in _CODECS:
         raise ValueError(f"unknown codec {name!r}; registered: {available_codecs()}")
     return _CODECS[name](**kwargs)
+
+
+CLASSICAL_CODECS = ("avif", "jpegxl", "external")  # no weights: nothing to train or load
+
+
+def build_codec_from_spec(spec, role: str, resolve_path=lambda p: p) -> "FeatureCodec":
+    """The codec a configuration's CodecSpec names, with errors that name the config field.
+
+    Learned codecs need their trained weights: a missing checkpoint is an error, not a
+    silent random-init codec."""
+    field = f"codecs.{role}" if role == "main" else f"codecs.others.{role}"
+    if not spec.phis:
+        raise ValueError(f"{field}.phis is empty: give the rate points (lambdas or qualities) to code at")
+    kwargs = dict(spec.options.get("codec", {})) if isinstance(spec.options, dict) else {}
+    if spec.name not in CLASSICAL_CODECS:
+        if not spec.checkpoint:
+            raise ValueError(f"{field}.checkpoint is not set: a learned codec needs trained weights "
+                             "(run `mfiba train-codec`, then point the checkpoint at its codec.pt)")
+        path = resolve_path(spec.checkpoint)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{field}.checkpoint: {path} does not exist (run `mfiba train-codec`; "
+                                    "it writes <train_codec.work_dir>/<codec>-<trained_on>/codec.pt)")
+        kwargs["checkpoint"] = str(path)
+    return build_codec(spec.name, **kwargs)
 
 
 def derive_pool(level3: torch.Tensor) -> torch.Tensor:

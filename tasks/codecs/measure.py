@@ -134,13 +134,14 @@ def retrained_vs_rgb(summary: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     coded = summary[summary["pool"] == "coded"]
-    for (codec, trained_on), test in coded.groupby(["codec", "trained_on"]):
-        anchor = coded[(coded.codec == codec) & (coded.trained_on == "rgb")]
-        if trained_on != "features" or anchor.empty:
-            continue
-        for method in METHODS:
-            res = bd_rate(anchor.bpp_input, anchor.feature_psnr_db, test.bpp_input, test.feature_psnr_db, method=method)
-            rows.append({"codec": codec, "test": "features", "anchor": "rgb", "interpolation": method,
-                         "bd_rate_percent": res.bd_rate_percent, "non_monotonic": res.non_monotonic,
-                         "note": res.reason})
+    # Curves are per configured role (label): two roles of one architecture are not mixed.
+    for test_label, test in coded[coded.trained_on == "features"].groupby("label"):
+        codec = test.codec.iloc[0]
+        for anchor_label, anchor in coded[(coded.codec == codec) & (coded.trained_on == "rgb")].groupby("label"):
+            for method in METHODS:
+                res = bd_rate(anchor.bpp_input, anchor.feature_psnr_db, test.bpp_input, test.feature_psnr_db,
+                              method=method)
+                rows.append({"codec": codec, "test": test_label, "anchor": anchor_label, "interpolation": method,
+                             "bd_rate_percent": res.bd_rate_percent, "non_monotonic": res.non_monotonic,
+                             "note": res.reason})
     return pd.DataFrame(rows)

@@ -87,6 +87,13 @@ def image_refs(cfg: Config, splits: list[str], progress=None) -> dict[str, list[
         if split in splits:
             out[split] = [ImageRef(split, i, str(ds.image_dir / ds.image_info(i)["file_name"]),
                                    ds.image_info(i)["file_name"]) for i in ids]
-    if "train" in chosen and "calib" in chosen and chosen["train"] & chosen["calib"]:
-        raise DatasetError("calibration and train splits overlap; calibration images must be held out")
+    # The feature store is keyed by image id, and calibration must be held out: no image
+    # may belong to two splits.
+    names = sorted(chosen)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = chosen[a] & chosen[b]
+            if both:
+                raise DatasetError(f"splits {a!r} and {b!r} share {len(both)} image ids (e.g. {sorted(both)[:5]}); "
+                                   "splits must be disjoint (calibration and test images are held out)")
     return out
