@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import dask
@@ -34,7 +33,7 @@ from prefect import flow, get_run_logger, task
 from flows.common import dask_task_runner, gpu_annotation
 from mfiba.config import CodecSpec, Config
 from storage.manifest import StageManifest, write_manifest
-
+from storage.urls import atomic_write_text
 
 
 class TrainCodecError(RuntimeError):
@@ -123,9 +122,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _result(fam_dir: Path, family: dict, reused: bool) -> dict:

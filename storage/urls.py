@@ -49,3 +49,18 @@ def read_bytes(path_or_url: str | os.PathLike) -> bytes:
         return local_path(path).read_bytes()
     with fsspec.open(path, "rb") as f:
         return f.read()
+
+
+def atomic_write_text(path_or_url: str | os.PathLike, text: str) -> str:
+    return atomic_write_bytes(path_or_url, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path_or_url: str | os.PathLike) -> str:
+    """torch.save through `atomic_write_bytes` (a checkpoint is never seen half-written)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path_or_url, buf.getvalue())

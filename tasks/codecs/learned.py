@@ -64,7 +64,6 @@ import json
 import math
 import os
 import struct
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -73,6 +72,7 @@ import torch
 from torch import nn
 
 from storage.bitstream import BitstreamError
+from storage.urls import atomic_torch_save
 from tasks.codecs.base import FeatureCodec, MosaicCode, register_codec
 
 __all__ = [
@@ -424,16 +424,7 @@ def save_codec(path: str | os.PathLike, codec: LearnedCodec) -> str:
         "source": codec.source,
         "checkpoint_sha256": codec.checkpoint_sha256.hex(),
     }
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return str(p)
+    return atomic_torch_save(data, path)
 
 
 def _new_model(architecture: str, kwargs: Mapping, seed: int | None = 0) -> nn.Module:

@@ -63,6 +63,7 @@ options["norm_mode"] (the flow's MosaicDataset normalisation, default "minmax").
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -77,6 +78,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from storage.urls import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from tasks.codecs.packing import GROUP_SIZE, normalise, pack, pack_layout
 
 COMPRESSAI_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.025, 0.0483, 0.0932, 0.18)
@@ -310,18 +312,6 @@ def is_variable_rate(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------- one rate point
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_state(work_dir: str | Path) -> dict | None:
     """The `last.pt` of a rate point (None if absent)."""
     p = Path(work_dir) / "last.pt"
@@ -394,11 +384,11 @@ def train_rate_point(
             log(f"resuming at step {step}/{iterations} from {state_path}")
 
     def save_state() -> None:
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                       "aux_optimizer": aux_opt.state_dict(), "step": step, "iterations": iterations,
                       "history": history, "lambdas": lams, "variable_rate": vbr, "identity": identity,
                       "seconds": seconds_before + (time.time() - started)}, state_path)
-        _atomic_write_text(work_dir / "history.json", json.dumps(history))
+        atomic_write_text(work_dir / "history.json", json.dumps(history))
 
     def lr_at(k: int) -> float:
         if lr_drop_fraction is not None and k >= int(iterations * lr_drop_fraction):
@@ -624,10 +614,10 @@ def plot_curves(curves: Mapping[str, Any], path: str | Path) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{curves['codec']} trained on {curves['trained_on']}")
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def train_codec_family(
@@ -709,14 +699,14 @@ def train_codec_family(
               "variable_rate": vbr, "lambdas": all_lams, "settings": asdict(settings),
               "rate_points": rate_points, "eval": evaluation,
               "eval_patches": int(patches.shape[0]), "patch_size": int(patches.shape[-1])}
-    _atomic_write_text(work_dir / "curves.json", json.dumps(curves, indent=1))
+    atomic_write_text(work_dir / "curves.json", json.dumps(curves, indent=1))
     plot_curves(curves, work_dir / "curves.png")
     final = [row for rows in evaluation.values() for row in rows]
     summary = {"complete": True, "codec": str(codec_path), "checkpoint_sha256": codec.checkpoint_sha256.hex(),
                "identity": identity, "steps": steps, "seconds": round(seconds, 2),
                "iterations_per_s": round(steps / seconds, 3) if seconds > 0 else None,
                "final": final, "rate_points": [r["label"] for r in results]}
-    _atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=1))
     log(f"{spec.name} on {trained_on}: wrote {codec_path} ({steps} steps, {seconds:.0f} s); eval "
         + ", ".join(f"λ={r['lambda']:g}: {r['bpp']:.3f} bpp, {r['psnr']:.1f} dB" for r in final))
     return codec_path
@@ -726,7 +716,7 @@ def _write_incomplete(work_dir: Path, identity: Mapping, results: list[dict]) ->
     summary = {"complete": False, "identity": dict(identity),
                "rate_points": [{k: r[k] for k in ("label", "step", "iterations", "complete", "seconds")}
                                for r in results]}
-    _atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=1))
     return None
 
 

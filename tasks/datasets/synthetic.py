@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from storage.urls import atomic_write_bytes, atomic_write_text
+
 SPLIT_IDS = {"train": 1, "calib": 2, "test": 3}
 
 # (name, outline, texture). The texture carries the identity; outlines repeat on purpose.
@@ -226,9 +228,7 @@ def write_split(spec: SyntheticSpec, split: str, count: int, root: str | Path, p
         data, record, anns = render(spec, split, index)
         path = image_dir / record["file_name"]
         if not path.exists() or path.stat().st_size != len(data):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write_bytes(path, data)
         images.append(record)
         annotations += anns
         if progress is not None:
@@ -240,7 +240,5 @@ def write_split(spec: SyntheticSpec, split: str, count: int, root: str | Path, p
         "annotations": annotations,
         "categories": categories_json(),
     }
-    tmp = ann_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(coco))
-    tmp.replace(ann_path)
+    atomic_write_text(ann_path, json.dumps(coco))
     return ann_path

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from storage.urls import atomic_torch_save, atomic_write_text
 from tasks.datasets.synthetic import NUM_KEYPOINTS, SyntheticSpec, render
 from tasks.models.demo import DemoModelSpec, build_demo_model, save_checkpoint
 
@@ -97,12 +97,6 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_demo_model(
     work_dir: str | Path,
     model_spec: DemoModelSpec,
@@ -157,7 +151,7 @@ def train_demo_model(
     )
 
     def save_state():
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                       "history": history, "model_spec": model_spec.to_dict(),
                       "train_spec": train_spec.__dict__}, state_path)
 
@@ -211,7 +205,7 @@ def train_demo_model(
     save_checkpoint(model.cpu(), model_spec, final,
                     extra={"step": step, "iterations": train_spec.iterations, "complete": step >= train_spec.iterations,
                            "data_seed": data_spec.seed, "train_images": train_spec.train_images})
-    (work_dir / "history.json").write_text(json.dumps(history))
+    atomic_write_text(work_dir / "history.json", json.dumps(history))
     return final
 
 
