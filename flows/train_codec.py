@@ -53,10 +53,14 @@ def trainable_families(cfg: Config) -> list[dict]:
     for role, spec in [("main", cfg.codecs.main), *cfg.codecs.others.items()]:
         if spec.trained_on == "none" or spec.name in CLASSICAL_CODECS:
             continue
+        field = "codecs.main" if role == "main" else f"codecs.others.{role}"
         if spec.name not in trainable:
-            raise TrainCodecError(f"codecs.{role}: {spec.name!r} cannot be trained here (trainable: "
+            raise TrainCodecError(f"{field}: {spec.name!r} cannot be trained here (trainable: "
                                   f"{trainable}); set its trained_on to 'none' to use it with its "
                                   f"checkpoint as it is")
+        if spec.name == "mean-scale-vbr" and spec.phis and len(spec.phis) != 8:
+            # compressai's MeanScaleHyperpriorVbr has 8 gain levels, one per training lambda.
+            raise TrainCodecError(f"{field}.phis: mean-scale-vbr trains on 8 increasing lambdas, got {spec.phis}")
         d = spec.model_dump(mode="json")
         d.pop("checkpoint", None)
         sd = _sha(d)

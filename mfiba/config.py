@@ -109,13 +109,13 @@ class CodecSpec(_Strict):
             raise ValueError(f"rate settings must be >= 0, got {bad}")
         return v
 
-    @model_validator(mode="after")
-    def _vbr_levels(self) -> "CodecSpec":
-        # compressai's MeanScaleHyperpriorVbr has 8 gain levels, one per training lambda.
-        if self.name == "mean-scale-vbr" and self.phis and (
-                len(self.phis) != 8 or sorted(self.phis) != self.phis):
-            raise ValueError(f"mean-scale-vbr takes 8 increasing lambdas in phis, got {self.phis}")
-        return self
+    @field_validator("phis")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        # Rate points are listed from the lowest rate up (RD curves and BD-rate rely on it).
+        if sorted(v) != v or len(set(v)) != len(v):
+            raise ValueError(f"rate settings must be strictly increasing, got {v}")
+        return v
 
 
 class CodecsConfig(_Strict):

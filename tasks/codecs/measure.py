@@ -64,7 +64,9 @@ def code_image(codec: FeatureCodec, features: "OrderedDict[str, torch.Tensor]", 
     mosaic_pixels, estimated = {}, {}
     for p in parts:
         if p.derived:
-            mosaic_pixels[p.scale], estimated[p.scale] = 0, 0.0
+            mosaic_pixels[p.scale] = 0
+            if estimate and hasattr(codec, "estimate_bits"):
+                estimated[p.scale] = 0.0
             continue
         info = PackInfo.from_dict(p.packing)
         mosaic_pixels[p.scale] = info.padded_height * info.padded_width
