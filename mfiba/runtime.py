@@ -58,6 +58,9 @@ def local_state_env(state: Path) -> dict[str, str]:
         "DASK_TEMPORARY_DIRECTORY": str(state / "dask"),
         # Dask's scheduler and nanny chatter (worker starts, closes) is not the user's news.
         "DASK_LOGGING__DISTRIBUTED": "warning",
+        # compressai calls torch.jit.script at import; torch 2.14 warns about it in every
+        # worker process. Inherited by Dask workers through the environment.
+        "PYTHONWARNINGS": "ignore:`torch.jit.script` is deprecated:FutureWarning",
     }
 
 
