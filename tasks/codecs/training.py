@@ -80,6 +80,7 @@ from torch import nn
 
 from storage.urls import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from tasks.codecs.packing import GROUP_SIZE, normalise, pack, pack_layout
+from tasks.divergence import DivergenceGuard
 
 COMPRESSAI_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.025, 0.0483, 0.0932, 0.18)
 DEFAULT_SCALES = ("0", "1", "2", "3", "pool")
@@ -398,7 +399,7 @@ def train_rate_point(
     started, step_at_start = time.time(), step
     window: dict[str, list] = {"loss": [], "bpp": [], "mse": [], "aux": []}
     by_level: dict[int, dict[str, list]] = {}
-    bad_steps = 0
+    guard = DivergenceGuard("codec", log)
     model.train()
     batches: Iterator[torch.Tensor] | None = None
     while step < iterations:
@@ -421,13 +422,8 @@ def train_rate_point(
             level, stage, lam = 0, 0, lams[0]
             out = model(x)
         losses = rd_loss(out, x, lam)
-        if not torch.isfinite(losses["loss"]):
-            bad_steps += 1
-            log(f"non-finite loss at step {step} skipped ({ {k: float(v) for k, v in losses.items()} })")
-            if bad_steps > 20:
-                raise FloatingPointError(f"codec training diverged at step {step}")
+        if not guard.finite(losses["loss"], losses, step):
             continue
-        bad_steps = 0
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)

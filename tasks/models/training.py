@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from storage.urls import atomic_torch_save, atomic_write_text
+from tasks.divergence import DivergenceGuard
 from tasks.datasets.synthetic import NUM_KEYPOINTS, SyntheticSpec, render
 from tasks.models.demo import DemoModelSpec, build_demo_model, save_checkpoint
 
@@ -157,7 +158,8 @@ def train_demo_model(
 
     model.train()
     started = time.time()
-    stop, bad_steps, t_step5 = False, 0, started
+    stop, t_step5 = False, started
+    guard = DivergenceGuard("demo-model", log)
     while step < train_spec.iterations and not stop:
         for images, targets in loader:
             images = [i.to(device, non_blocking=True) for i in images]
@@ -166,14 +168,8 @@ def train_demo_model(
                 g["lr"] = _lr_at(step, train_spec)
             losses = model(images, targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                # One bad batch is skipped; a run of them means divergence.
-                bad_steps += 1
-                log(f"non-finite loss at step {step} skipped: { {k: float(v) for k, v in losses.items()} }")
-                if bad_steps > 20:
-                    raise FloatingPointError(f"demo-model training diverged at step {step}: {losses}")
+            if not guard.finite(loss, losses, step):
                 continue
-            bad_steps = 0
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
