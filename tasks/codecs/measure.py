@@ -38,16 +38,20 @@ class CodedImage:
     mse_per_scale: dict[str, float]
 
 
-def rate_summary(images: list[CodedImage]) -> dict[str, float]:
-    """The three rate units over a set of coded images."""
-    bits = np.array([8 * im.bytes_total for im in images], dtype=np.float64)
-    pixels = np.array([im.input_pixels for im in images], dtype=np.float64)
-    mosaic = np.array([sum(im.mosaic_pixels.values()) for im in images], dtype=np.float64)
+def rate_units(bits, input_pixels, mosaic_pixels) -> dict[str, float]:
+    """The three rate units from per-image bits, input pixels and coded mosaic pixels."""
+    bits, pixels, mosaic = (np.asarray(v, dtype=np.float64) for v in (bits, input_pixels, mosaic_pixels))
     return {
         "bpp_input": float(bits.sum() / pixels.sum()),
         "bpp_input_mean": float(np.mean(bits / pixels)),
         "bits_per_mosaic_pixel": float(bits.sum() / max(1.0, mosaic.sum())),
     }
+
+
+def rate_summary(images: list[CodedImage]) -> dict[str, float]:
+    """The three rate units over a set of coded images."""
+    return rate_units([8 * im.bytes_total for im in images], [im.input_pixels for im in images],
+                      [sum(im.mosaic_pixels.values()) for im in images])
 
 
 def code_image(codec: FeatureCodec, features: "OrderedDict[str, torch.Tensor]", phi, stream_path: str | Path,
@@ -113,9 +117,7 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                                               enc=("seconds_encode", "first"), dec=("seconds_decode", "first"))
         bits = 8.0 * per_image.bytes_total
         row = {"codec": codec, "phi": phi, "images": len(per_image),
-               "bpp_input": bits.sum() / per_image.input_pixels.sum(),
-               "bpp_input_mean": float(np.mean(bits / per_image.input_pixels)),
-               "bits_per_mosaic_pixel": bits.sum() / max(1, per_image.mosaic_pixels.sum()),
+               **rate_units(bits, per_image.input_pixels, per_image.mosaic_pixels),
                "bpp_input_estimated": per_image.est.sum(min_count=len(per_image)) / per_image.input_pixels.sum(),
                "seconds_encode": per_image.enc.mean(), "seconds_decode": per_image.dec.mean()}
         row["estimate_gap_percent"] = 100 * (row["bpp_input"] - row["bpp_input_estimated"]) / row["bpp_input"]
