@@ -1,0 +1,61 @@
+"""Task loss of one precoding pass, measured without ground truth (an encoder has none).
+
+The reference is the task model's own output on lossless features: its detections with
+score >= 0.5 become pseudo ground truth; the loss of a pass (one scale replaced by its
+decoded version) is 1 - AP@[.5:.95] of the pass's detections against that reference, with
+boxes for detection, masks for segmentation and OKS for keypoints. An image with an empty
+reference has nothing to lose: loss 0, flagged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.evaluation.coco_eval import detections_to_coco, evaluate
+
+REFERENCE_SCORE = 0.5
+
+
+@dataclass(frozen=True)
+class Reference:
+    gt: dict  # a one-image COCO dataset
+    empty: bool
+
+
+def reference_from_detections(image_id: int, det: dict, height: int, width: int, categories: list[dict],
+                              keypoint_category_ids=(), score_threshold: float = REFERENCE_SCORE) -> Reference:
+    """Lossless detections above the threshold as a one-image COCO ground truth."""
+    results = detections_to_coco(image_id, det, keypoint_category_ids, score_threshold=score_threshold)
+    annotations = []
+    for k, r in enumerate(results, start=1):
+        x, y, w, h = r["bbox"]
+        ann = {"id": k, "image_id": int(image_id), "category_id": r["category_id"], "bbox": r["bbox"],
+               "area": float(w * h), "iscrowd": 0}
+        if "segmentation" in r:
+            from pycocotools import mask as mask_utils
+
+            ann["segmentation"] = r["segmentation"]
+            ann["area"] = float(mask_utils.area(r["segmentation"]))
+        if "keypoints" in r:
+            kp = np.asarray(r["keypoints"], float).reshape(-1, 3)
+            kp[:, 2] = 2  # every predicted keypoint counts as visible in the reference
+            ann["keypoints"] = kp.reshape(-1).tolist()
+            ann["num_keypoints"] = int(len(kp))
+        annotations.append(ann)
+    gt = {"images": [{"id": int(image_id), "height": int(height), "width": int(width)}],
+          "annotations": annotations, "categories": categories}
+    return Reference(gt, not annotations)
+
+
+def pass_loss(reference: Reference, image_id: int, det: dict, iou_type: str, keypoint_category_ids=()) -> float:
+    """1 - AP@[.5:.95] of one pass's detections against the reference (0 for an empty one)."""
+    if reference.empty:
+        return 0.0
+    if iou_type == "keypoints" and not any(
+            "keypoints" in a for a in reference.gt["annotations"]):
+        return 0.0
+    results = detections_to_coco(image_id, det, keypoint_category_ids)
+    ap = evaluate(reference.gt, results, iou_type, image_ids=[int(image_id)])["AP"]
+    # NaN: the reference has no objects of an evaluated kind; nothing to lose.
+    return 0.0 if not np.isfinite(ap) else float(1.0 - ap)
