@@ -132,6 +132,19 @@ class FeatureCodec:
         mosaic = self.decode_mosaic(MosaicCode(payload.strings, tuple(payload.latent_shape)), payload.phi)
         return denormalise(unpack(mosaic.clamp(0, 1), info), NormParams.from_bytes(payload.norm))
 
+    def reconstruct_scale(self, scale: str, x: torch.Tensor, phi: float) -> tuple[torch.Tensor, float | None]:
+        """What the decoder would output for this scale, and the estimated bits, without
+        writing a stream. Learned codecs run their synthesis on the quantised latent (equal
+        to what a rANS round trip decodes; tested); others code for real (bits then exact)."""
+        self.check_phi(scale, phi)
+        if hasattr(self, "forward_mosaic"):
+            y, norm = normalise(x.float(), mode=self.norm_mode)
+            mosaic, info = pack(y, stride=self.stride)
+            x_hat, bits = self.forward_mosaic(mosaic, phi)
+            return denormalise(unpack(x_hat.clamp(0, 1), info), norm), bits
+        payload = self.compress_scale(scale, x, phi)
+        return self.decompress_scale(payload), float(8 * sum(len(s) for s in payload.strings))
+
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
                  derived: Iterable[str] = ()) -> bytes:
         """One image: features {scale: (C, H, W)} -> bitstream bytes. Scales in `derived`
