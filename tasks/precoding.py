@@ -6,8 +6,8 @@ Two implementations with the same results:
 - `precode_reference`: the straightforward loop (each pass coded with real entropy coding,
   heads one pass at a time); kept as the reference in tests;
 - `precode_batched`: decoded features from the codec's synthesis of the quantised latent (no
-  entropy coder; equal to what rANS decodes), and the head passes of one quality stacked
-  into one batch.
+  entropy coder; equal to what rANS decodes), the head passes of one quality stacked into
+  one batch, and only the head branches the requested losses need (box-only for bbox).
 In derived-'pool' mode there are 4 coded scales and the distortion of '3' reaches 'pool'.
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ def _replace(feats: "OrderedDict[str, torch.Tensor]", scale: str, decoded: torch
     return out
 
 
-def _reference(model: TaskModel, image_id: int, feats, meta: SplitMeta, categories) -> tuple[Reference, dict]:
-    lossless = model.heads(feats, meta)[0]
+def _reference(model: TaskModel, image_id: int, feats, meta: SplitMeta, categories, tasks=None) -> tuple[Reference, dict]:
+    lossless = model.heads(feats, meta, tasks=tasks)[0]
     h, w = meta.original_sizes[0]
     return reference_from_detections(image_id, lossless, h, w, categories, model.keypoint_category_ids), lossless
 
@@ -83,7 +83,7 @@ def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
                     categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
     """No entropy coder; the passes of one quality run as one batch through the heads."""
     res = PrecodeResult()
-    ref, _ = _reference(model, image_id, feats, meta, categories)
+    ref, _ = _reference(model, image_id, feats, meta, categories, tasks=iou_types)
     res.reference_empty = ref.empty
     scales = coded_scales(pool_mode)
     for q, phi in enumerate(phis):
@@ -93,7 +93,7 @@ def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
         variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
         stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
         batch_meta = SplitMeta(meta.image_sizes * len(scales), meta.original_sizes * len(scales), meta.batch_shape)
-        dets = model.heads(stacked, batch_meta)
+        dets = model.heads(stacked, batch_meta, tasks=iou_types)  # only the branches the losses need
         t2 = time.perf_counter()
         for s, det in zip(scales, dets):
             res.rows.append(_row(image_id, s, q, phi, None, decoded[s][1], ref, det, model, iou_types))
