@@ -80,6 +80,8 @@ def setup_local_state(repo_root: Path | None = None) -> Path:
         os.environ.setdefault(key, value)
     for key in _STATE_DIR_VARS:
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    # PYTHONWARNINGS reaches child processes only; this process needs the filter itself.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     if changed_home and "prefect" in sys.modules:
         warnings.warn(
             "setup_local_state() ran after `import prefect`: this process keeps the "
