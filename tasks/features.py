@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-from PIL import Image
 
 from storage.feature_store import FeatureStore
-from tasks.datasets.coco import DatasetError
+from tasks.datasets.coco import DatasetError, image_to_tensor, read_rgb
 from tasks.datasets.sources import ImageRef
 from tasks.device import resolve_device
 from tasks.models.registry import SCALES, STRIDES, TaskModel, build_task_model
@@ -48,18 +47,7 @@ def _cached_model(name: str, checkpoint: str | None, allow_random: bool, device:
 
 def load_tensor(ref: ImageRef) -> torch.Tensor:
     """The image as a float (3, H, W) tensor in [0, 1]; DatasetError names the file if unreadable."""
-    import numpy as np
-
-    try:
-        with Image.open(ref.path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except FileNotFoundError as e:
-        raise DatasetError(f"{ref.path}: image file not found (image id {ref.image_id})") from e
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"{ref.path}: unreadable or truncated image (image id {ref.image_id}): {e}") from e
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return image_to_tensor(read_rgb(ref.path, ref.image_id))
 
 
 def extract_batch(refs: list[ImageRef], settings: ExtractSettings) -> BatchResult:

@@ -208,12 +208,11 @@ class RGBImageDataset(torch.utils.data.Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
+        from tasks.datasets.coco import read_rgb
 
         path = self.image_paths[int(index) % len(self)]
         rng = np.random.default_rng([self.seed, int(index)])
-        with Image.open(path) as im:
-            arr = np.array(im.convert("RGB"), dtype=np.uint8)
+        arr = np.array(read_rgb(path), dtype=np.uint8)
         img = torch.from_numpy(arr).permute(2, 0, 1)
         return random_crop(img, self.patch_size, rng).float().div_(255.0)
 

@@ -103,6 +103,29 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def read_rgb(path: str | Path, image_id: int | None = None) -> Image.Image:
+    """An image file as 8-bit RGB; DatasetError names the file (and image id, when given) for
+    a missing, unreadable or truncated one."""
+    path = Path(path)
+    which = f" (image id {image_id})" if image_id is not None else ""
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file not found{which}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes now, so truncated or corrupt data raises here
+            return _to_rgb8(img)
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise DatasetError(f"{path}: unreadable or truncated image{which}: {e}") from e
+
+
+def image_to_tensor(img: Image.Image):
+    """8-bit RGB image -> float (3, H, W) tensor in [0, 1], the task models' input."""
+    import torch
+
+    arr = np.asarray(_to_rgb8(img), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
 class CocoDataset:
     """A COCO-format detection dataset: images on disk plus validated annotations."""
 
@@ -222,14 +245,7 @@ class CocoDataset:
         """The image as 8-bit RGB, pixels as stored (COCO annotations ignore EXIF orientation)."""
         info = self.image_info(image_id)
         path = self.image_dir / info["file_name"]
-        if not path.is_file():
-            raise DatasetError(f"{path}: image file not found (image id {image_id})")
-        try:
-            with Image.open(path) as img:
-                img.load()  # decodes now, so truncated or corrupt data raises here
-                rgb = _to_rgb8(img)
-        except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
-            raise DatasetError(f"{path}: unreadable or truncated image (image id {image_id}): {e}") from e
+        rgb = read_rgb(path, image_id)
         expected = (info.get("width"), info.get("height"))
         if None not in expected and rgb.size != expected:
             raise DatasetError(

@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from tasks.datasets.coco import CocoDataset
+from tasks.datasets.coco import CocoDataset, image_to_tensor
 from tasks.evaluation.coco_eval import detections_to_coco, evaluate
 from tasks.models.registry import TaskModel
 
 
 def load_images(dataset: CocoDataset, image_ids: list[int]) -> list[torch.Tensor]:
-    import numpy as np
-
-    out = []
-    for iid in image_ids:
-        arr = np.asarray(dataset.load_image(iid), dtype=np.float32) / 255.0
-        out.append(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
-    return out
+    return [image_to_tensor(dataset.load_image(iid)) for iid in image_ids]
 
 
 def evaluate_model(model: TaskModel, dataset: CocoDataset, image_ids: list[int], batch_size: int = 8) -> dict:

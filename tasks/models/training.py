@@ -17,8 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from storage.urls import atomic_torch_save, atomic_write_text
-from tasks.divergence import DivergenceGuard
+from tasks.datasets.coco import image_to_tensor
 from tasks.datasets.synthetic import NUM_KEYPOINTS, SyntheticSpec, render
+from tasks.divergence import DivergenceGuard
 from tasks.models.demo import DemoModelSpec, build_demo_model, save_checkpoint
 
 
@@ -65,11 +66,6 @@ def targets_from_annotations(anns: list[dict], height: int, width: int) -> dict:
         "masks": torch.from_numpy(np.stack(masks)) if n else torch.zeros((0, height, width), dtype=torch.uint8),
         "keypoints": torch.from_numpy(np.stack(keypoints)) if n else torch.zeros((0, NUM_KEYPOINTS, 3)),
     }
-
-
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 class SyntheticTrainSet(torch.utils.data.Dataset):
