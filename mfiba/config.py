@@ -76,7 +76,8 @@ class FeaturesConfig(_Strict):
     store: str = "runs/demo/features.zarr"
     splits: list[Literal["train", "calib", "test"]] = Field(default_factory=lambda: list(SPLITS))
     batch_size: int = Field(8, ge=1)
-    # Bounded memory: at most this many batches in flight, whatever the image count.
+    # Bounded memory: at most this many batches in flight per Dask worker, whatever the
+    # image count.
     max_in_flight: int = Field(4, ge=1)
 
 
