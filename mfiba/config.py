@@ -139,6 +139,61 @@ class TrainCodecConfig(_Strict):
     split: Literal["train", "calib", "test"] = "train"
 
 
+TASKS = ("bbox", "segm", "keypoints")
+
+
+class PrecodeConfig(_Strict):
+    """Multi-pass precoding (MFIP's input), offline: real and estimated bits per scale, task
+    losses against the lossless output, and the ground-truth oracle beside them."""
+
+    # Which splits to precode: calib feeds the fits, tuning and baselines; test only for
+    # analysis (online evaluation computes its own weights).
+    splits: list[Literal["train", "calib", "test"]] = Field(default_factory=lambda: ["calib"])
+    # Tasks whose losses are measured (each gets its own weights); empty: all the task model's.
+    tasks: list[Literal[TASKS]] = Field(default_factory=list)
+    # Images per Dask task; each task codes one quality of its images.
+    batch_size: int = Field(4, ge=1)
+    max_in_flight: int = Field(4, ge=1)
+    # Also store the per-image mAP drop against the real annotations (labelled oracle).
+    oracle: bool = True
+
+
+class FitConfig(_Strict):
+    """Offline model fitting on the calibration split only."""
+
+    split: Literal["calib"] = "calib"
+    # MFIP normalisation per quality: "sum" (with floor) or the authors' "minmax".
+    importance_mode: Literal["sum", "minmax"] = "sum"
+    importance_floor: float = Field(0.01, ge=0, lt=1)
+    # Loss-rate fits use this loss: the encoder-side one (vs lossless output) or the oracle.
+    loss_source: Literal["loss", "oracle"] = "loss"
+
+
+class AllocationConfig(_Strict):
+    """How weights become per-scale rates (Eq. 3-6)."""
+
+    # Per-scale divisors of lambda': the paper's 4^i or the authors' code's 1, 4, 16, 60, 60.
+    divisors: Literal["paper", "authors"] = "paper"
+    # The Cauchy loss-rate model: one pooled (alpha, beta) for all scales (Eq. 3) or one per scale.
+    loss_rate_model: Literal["pooled", "per-scale"] = "pooled"
+
+
+class TuneConfig(_Strict):
+    """Calibration-split searches: finetuned MFIBA's line search, SABA sensitivities, lambda'."""
+
+    task: Literal[TASKS] = "bbox"
+    metric: Literal["AP", "AP75"] = "AP"
+    # Calibration images used (the first N of the split; never test images).
+    images: int = Field(16, ge=4)
+    # Rate points (indices into codecs.main.phis) of the uniform anchor; the lambda' grid of
+    # the allocating methods matches their mean bits. BD-rate needs at least 4.
+    rate_points: list[int] = Field(default_factory=lambda: [1, 3, 5, 7], min_length=4)
+    step: float = Field(0.01, gt=0, le=0.2)
+    max_evaluations: int = Field(16, ge=1)
+    saba_images: int = Field(8, ge=1)
+    saba_quality: int = Field(2, ge=0)
+
+
 class DaskConfig(_Strict):
     scheduler_address: str | None = None
     n_workers: int = Field(2, ge=1)
@@ -160,6 +215,10 @@ class Config(_Strict):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     codecs: CodecsConfig = Field(default_factory=CodecsConfig)
     train_codec: TrainCodecConfig = Field(default_factory=TrainCodecConfig)
+    precode: PrecodeConfig = Field(default_factory=PrecodeConfig)
+    fit: FitConfig = Field(default_factory=FitConfig)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @model_validator(mode="after")

@@ -51,3 +51,36 @@ def mfip_weights(losses, mode: str = "sum", floor: float = 0.01) -> Importance:
     if d.sum() <= 0:
         return Importance(np.full(n, 1.0 / n), True)
     return Importance(d / d.sum(), False)
+
+
+def mfip_table(table, tasks, mode: str = "sum", floor: float = 0.01):
+    """MFIP weights for every image of a precode table, per task, from the encoder-side loss
+    and (labelled) from the oracle: one row per (image, task, source, scale).
+
+    A (quality, scale) grid with a missing cell or a NaN oracle (the image has no annotation
+    of that kind) gives uniform weights flagged `degenerate`, never NaN."""
+    import pandas as pd
+
+    from tasks.models.registry import SCALES
+
+    rows = []
+    if table.empty:
+        return pd.DataFrame(columns=["image_id", "split", "task", "source", "scale", "weight", "degenerate"])
+    for image_id, per_image in table.groupby("image_id", sort=True):
+        split = per_image["split"].iloc[0]
+        for task in tasks:
+            for source in ("loss", "oracle"):
+                column = f"{source}_{task}"
+                if column not in per_image:
+                    continue
+                grid = per_image.pivot(index="quality", columns="scale", values=column)
+                grid = grid[[s for s in SCALES if s in grid.columns]]
+                values = grid.to_numpy(dtype=float)
+                if np.isnan(values).any():
+                    imp = Importance(np.full(values.shape[1], 1.0 / values.shape[1]), True)
+                else:
+                    imp = mfip_weights(values, mode=mode, floor=floor)
+                for scale, w in zip(grid.columns, imp.weights):
+                    rows.append({"image_id": int(image_id), "split": split, "task": task, "source": source,
+                                 "scale": scale, "weight": float(w), "degenerate": imp.degenerate})
+    return pd.DataFrame(rows)

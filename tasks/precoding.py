@@ -12,14 +12,17 @@ In derived-'pool' mode there are 4 coded scales and the distortion of '3' reache
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
 from tasks.codecs.base import FeatureCodec, derive_pool
-from tasks.evaluation.pass_loss import Reference, pass_loss, reference_from_detections
+from tasks.evaluation.pass_loss import Reference, ground_truth_ap, pass_losses, reference_from_detections
 from tasks.models.registry import SCALES, SplitMeta, TaskModel
 
 
@@ -30,6 +33,21 @@ class PrecodeResult:
     seconds_codec: float = 0.0
     seconds_heads: float = 0.0
     seconds_loss: float = 0.0
+
+    def add(self, other: "PrecodeResult") -> None:
+        self.rows += other.rows
+        self.seconds_codec += other.seconds_codec
+        self.seconds_heads += other.seconds_heads
+        self.seconds_loss += other.seconds_loss
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """An image's real annotations and the lossless features' AP on them: the ground-truth
+    variant of the loss (per-image mAP drop, as the authors' code labels importance)."""
+
+    gt: dict  # a one-image COCO dataset
+    lossless_ap: dict  # iou type -> (AP, AP75)
 
 
 def coded_scales(pool_mode: str) -> tuple[str, ...]:
@@ -44,17 +62,27 @@ def _replace(feats: "OrderedDict[str, torch.Tensor]", scale: str, decoded: torch
     return out
 
 
-def _reference(model: TaskModel, image_id: int, feats, meta: SplitMeta, categories, tasks=None) -> tuple[Reference, dict]:
+def lossless_pass(model: TaskModel, image_id: int, feats, meta: SplitMeta, categories, tasks=None,
+                  gt: dict | None = None) -> tuple[Reference, Oracle | None]:
+    """The lossless heads once: the pseudo ground truth every pass is compared with, and,
+    when the image's annotations are given, the oracle's lossless AP."""
     lossless = model.heads(feats, meta, tasks=tasks)[0]
     h, w = meta.original_sizes[0]
-    return reference_from_detections(image_id, lossless, h, w, categories, model.keypoint_category_ids), lossless
+    ref = reference_from_detections(image_id, lossless, h, w, categories, model.keypoint_category_ids)
+    if gt is None:
+        return ref, None
+    aps = {iou: ground_truth_ap(gt, image_id, lossless, iou, model.keypoint_category_ids) for iou in tasks or model.tasks}
+    return ref, Oracle(gt, aps)
 
 
-def _row(image_id, scale, q, phi, bits, est_bits, ref, det, model, iou_types) -> dict:
-    row = {"image_id": int(image_id), "scale": scale, "quality": q, "phi": float(phi),
-           "bits": bits, "estimated_bits": est_bits}
+def _row(image_id, scale, q, phi, ref, det, model, iou_types, oracle: Oracle | None) -> dict:
+    row = {"image_id": int(image_id), "scale": scale, "quality": q, "phi": float(phi)}
     for iou in iou_types:
-        row[f"loss_{iou}"] = pass_loss(ref, image_id, det, iou, model.keypoint_category_ids)
+        row[f"loss_{iou}"], row[f"loss75_{iou}"] = pass_losses(ref, image_id, det, iou, model.keypoint_category_ids)
+        if oracle is not None:
+            ap, ap75 = ground_truth_ap(oracle.gt, image_id, det, iou, model.keypoint_category_ids)
+            base, base75 = oracle.lossless_ap[iou]
+            row[f"oracle_{iou}"], row[f"oracle75_{iou}"] = base - ap, base75 - ap75
     return row
 
 
@@ -62,7 +90,7 @@ def precode_reference(model: TaskModel, codec: FeatureCodec, image_id: int, feat
                       categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
     """The straightforward loop: real entropy coding per pass, heads one pass at a time."""
     res = PrecodeResult()
-    ref, _ = _reference(model, image_id, feats, meta, categories)
+    ref, _ = lossless_pass(model, image_id, feats, meta, categories)
     res.reference_empty = ref.empty
     for q, phi in enumerate(phis):
         for scale in coded_scales(pool_mode):
@@ -72,32 +100,165 @@ def precode_reference(model: TaskModel, codec: FeatureCodec, image_id: int, feat
             t1 = time.perf_counter()
             det = model.heads(_replace(feats, scale, decoded, pool_mode), meta)[0]
             t2 = time.perf_counter()
-            res.rows.append(_row(image_id, scale, q, phi, payload.bits, None, ref, det, model, iou_types))
+            res.rows.append({**_row(image_id, scale, q, phi, ref, det, model, iou_types, None),
+                             "bits": payload.bits, "estimated_bits": None})
             res.seconds_codec += t1 - t0
             res.seconds_heads += t2 - t1
             res.seconds_loss += time.perf_counter() - t2
     return res
 
 
+def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
+                    phi: float, ref: Reference, iou_types=("bbox",), pool_mode: str = "coded",
+                    real_bits: bool = False, oracle: Oracle | None = None) -> PrecodeResult:
+    """All scales of one image at one quality: decoded features from the codec's synthesis
+    of the quantised latent (no entropy coder), the passes stacked into one batch through
+    only the head branches the losses need. `real_bits` also entropy-codes each scale for
+    its real size (offline precoding for the fits; online MFIP needs only the losses)."""
+    res = PrecodeResult(reference_empty=ref.empty)
+    scales = coded_scales(pool_mode)
+    t0 = time.perf_counter()
+    decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in scales}
+    payloads = {s: codec.compress_scale(s, feats[s][0], phi) for s in scales} if real_bits else {}
+    t1 = time.perf_counter()
+    variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
+    stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
+    batch_meta = SplitMeta(meta.image_sizes * len(scales), meta.original_sizes * len(scales), meta.batch_shape)
+    dets = model.heads(stacked, batch_meta, tasks=iou_types)  # only the branches the losses need
+    t2 = time.perf_counter()
+    for s, det in zip(scales, dets):
+        row = _row(image_id, s, q, phi, ref, det, model, iou_types, oracle)
+        row["bits"] = payloads[s].bits if real_bits else None
+        row["estimated_bits"] = decoded[s][1]
+        if real_bits:
+            info = payloads[s].packing
+            row["mosaic_pixels"] = int(info["padded_height"] * info["padded_width"])
+        res.rows.append(row)
+    res.seconds_codec, res.seconds_heads, res.seconds_loss = t1 - t0, t2 - t1, time.perf_counter() - t2
+    return res
+
+
 def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, phis,
                     categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
     """No entropy coder; the passes of one quality run as one batch through the heads."""
-    res = PrecodeResult()
-    ref, _ = _reference(model, image_id, feats, meta, categories, tasks=iou_types)
-    res.reference_empty = ref.empty
-    scales = coded_scales(pool_mode)
+    ref, _ = lossless_pass(model, image_id, feats, meta, categories, tasks=iou_types)
+    res = PrecodeResult(reference_empty=ref.empty)
     for q, phi in enumerate(phis):
-        t0 = time.perf_counter()
-        decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in scales}
-        t1 = time.perf_counter()
-        variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
-        stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
-        batch_meta = SplitMeta(meta.image_sizes * len(scales), meta.original_sizes * len(scales), meta.batch_shape)
-        dets = model.heads(stacked, batch_meta, tasks=iou_types)  # only the branches the losses need
-        t2 = time.perf_counter()
-        for s, det in zip(scales, dets):
-            res.rows.append(_row(image_id, s, q, phi, None, decoded[s][1], ref, det, model, iou_types))
-        res.seconds_codec += t1 - t0
-        res.seconds_heads += t2 - t1
-        res.seconds_loss += time.perf_counter() - t2
+        res.add(precode_quality(model, codec, image_id, feats, meta, q, phi, ref, iou_types, pool_mode))
     return res
+
+
+# -- the precode stage's work item: some images at one quality, read from the feature store --
+
+
+@dataclass(frozen=True)
+class PrecodeSettings:
+    """Everything a worker needs, picklable and hashable (it keys the model and codec caches)."""
+
+    store_url: str
+    table_url: str
+    table_identity: str  # JSON of the table's identity (hashable)
+    model_name: str
+    checkpoint: str | None
+    allow_random_weights: bool
+    codec_spec: str  # JSON of the CodecSpec
+    phis: tuple[float, ...]
+    pool_mode: str
+    tasks: tuple[str, ...]
+    annotations: tuple[tuple[str, str, str, str | None], ...]  # (split, image dir, instances, keypoints)
+    oracle: bool = True
+    device: str = "cpu"
+    threads: int = 1
+
+
+@dataclass
+class ItemsResult:
+    written: list[str] = field(default_factory=list)  # part keys
+    reused: list[str] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)
+    seconds_codec: float = 0.0
+    seconds_heads: float = 0.0
+    seconds_loss: float = 0.0
+
+
+def part_key(image_id: int, quality: int) -> str:
+    return f"image={int(image_id)}-q={int(quality)}"
+
+
+@lru_cache(maxsize=2)
+def _cached_codec(spec_json: str, device: str):
+    from mfiba.config import REPO_ROOT, CodecSpec
+    from tasks.codecs.base import build_codec_from_spec
+
+    resolve = lambda p: p if os.path.isabs(p) or "://" in p else str(REPO_ROOT / p)  # noqa: E731
+    return build_codec_from_spec(CodecSpec(**json.loads(spec_json)), "main", resolve)
+
+
+@lru_cache(maxsize=4)
+def _cached_dataset(image_dir: str, instances: str, keypoints: str | None):
+    from tasks.datasets.coco import CocoDataset
+
+    return CocoDataset(image_dir, instances, keypoints)
+
+
+def one_image_gt(dataset, image_id: int) -> dict:
+    return {"images": [dataset.image_info(image_id)], "annotations": dataset.annotations(image_id),
+            "categories": dataset.categories}
+
+
+def stored_image(store, image_id: int, device="cpu") -> tuple["OrderedDict[str, torch.Tensor]", SplitMeta, dict]:
+    """One image's stored features as a batch of one, and what the heads need besides."""
+    attrs = store.read_attrs(image_id)
+    arrays = store.read_image(image_id)
+    feats = OrderedDict((s, torch.from_numpy(arrays[s]).float()[None].to(device)) for s in SCALES)
+    meta = SplitMeta([tuple(attrs["model_input_size"])], [tuple(attrs["input_size"])], tuple(attrs["batch_shape"]))
+    return feats, meta, attrs
+
+
+def precode_items(settings: PrecodeSettings, image_ids: list[int], quality: int) -> ItemsResult:
+    """Precode `image_ids` at one quality; every (image, quality) lands as one table part."""
+    import pandas as pd
+
+    from storage.feature_store import FeatureStore
+    from storage.results import PartTable
+    from tasks.device import resolve_device
+    from tasks.features import _cached_model
+
+    torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
+    codec = _cached_codec(settings.codec_spec, device)
+    store = FeatureStore(settings.store_url, mode="r")
+    table = PartTable(settings.table_url, json.loads(settings.table_identity))
+    done = table.keys()
+    datasets = {split: (d, i, k) for split, d, i, k in settings.annotations}
+    out = ItemsResult()
+    phi = settings.phis[quality]
+    for image_id in image_ids:
+        key = part_key(image_id, quality)
+        if key in done:  # a retried task: keep what a previous attempt finished
+            out.reused.append(key)
+            continue
+        feats, meta, attrs = stored_image(store, image_id, device)
+        dataset = _cached_dataset(*datasets[attrs["split"]])
+        gt = one_image_gt(dataset, image_id) if settings.oracle else None
+        ref, oracle = lossless_pass(model, image_id, feats, meta, dataset.categories, settings.tasks, gt)
+        res = precode_quality(model, codec, image_id, feats, meta, quality, phi, ref, settings.tasks,
+                              settings.pool_mode, real_bits=True, oracle=oracle)
+        h, w = attrs["input_size"]
+        frame = pd.DataFrame(res.rows)
+        frame.insert(1, "split", attrs["split"])
+        frame["scale_pixels"] = [int(feats[s].shape[-2] * feats[s].shape[-1]) for s in frame["scale"]]
+        frame["input_pixels"] = int(h * w)
+        frame["reference_empty"] = ref.empty
+        frame["pool_mode"] = settings.pool_mode
+        frame["seconds_codec"], frame["seconds_heads"] = res.seconds_codec, res.seconds_heads
+        if oracle is not None:
+            for iou, (ap, ap75) in oracle.lossless_ap.items():
+                frame[f"lossless_ap_{iou}"], frame[f"lossless_ap75_{iou}"] = ap, ap75
+        table.write(key, frame)
+        out.written.append(key)
+        out.seconds_codec += res.seconds_codec
+        out.seconds_heads += res.seconds_heads
+        out.seconds_loss += res.seconds_loss
+    return out

@@ -48,14 +48,30 @@ def reference_from_detections(image_id: int, det: dict, height: int, width: int,
     return Reference(gt, not annotations)
 
 
-def pass_loss(reference: Reference, image_id: int, det: dict, iou_type: str, keypoint_category_ids=()) -> float:
-    """1 - AP@[.5:.95] of one pass's detections against the reference (0 for an empty one)."""
+def pass_losses(reference: Reference, image_id: int, det: dict, iou_type: str,
+                keypoint_category_ids=()) -> tuple[float, float]:
+    """(1 - AP@[.5:.95], 1 - AP@.75) of one pass's detections against the reference
+    (0 for an empty one): the loss the allocation uses, and the one the paper's Table 1
+    also fits."""
     if reference.empty:
-        return 0.0
+        return 0.0, 0.0
     if iou_type == "keypoints" and not any(
             "keypoints" in a for a in reference.gt["annotations"]):
-        return 0.0
+        return 0.0, 0.0
     results = detections_to_coco(image_id, det, keypoint_category_ids)
-    ap = evaluate(reference.gt, results, iou_type, image_ids=[int(image_id)])["AP"]
+    stats = evaluate(reference.gt, results, iou_type, image_ids=[int(image_id)])
     # NaN: the reference has no objects of an evaluated kind; nothing to lose.
-    return 0.0 if not np.isfinite(ap) else float(1.0 - ap)
+    return tuple(0.0 if not np.isfinite(stats[k]) else float(1.0 - stats[k]) for k in ("AP", "AP75"))
+
+
+def pass_loss(reference: Reference, image_id: int, det: dict, iou_type: str, keypoint_category_ids=()) -> float:
+    """1 - AP@[.5:.95] of one pass's detections against the reference (0 for an empty one)."""
+    return pass_losses(reference, image_id, det, iou_type, keypoint_category_ids)[0]
+
+
+def ground_truth_ap(gt: dict, image_id: int, det: dict, iou_type: str, keypoint_category_ids=()) -> tuple[float, float]:
+    """(AP@[.5:.95], AP@.75) of detections against the image's real annotations: the oracle
+    the authors' code uses for importance labels (NaN when the image has nothing of that kind)."""
+    results = detections_to_coco(image_id, det, keypoint_category_ids)
+    stats = evaluate(gt, results, iou_type, image_ids=[int(image_id)])
+    return float(stats["AP"]), float(stats["AP75"])
