@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-slow clean-state
+.PHONY: install demo test test-slow bench clean-state
 
 # pip, not uv: only pip sees the torch wheels already on these machines (see README).
 $(STAMP): pyproject.toml
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# Measured figures (not tests): runs/bench/bench.json and bench.md. Needs the demo feature store.
+bench: $(STAMP)
+	test -d runs/demo/features.zarr || $(BIN)/mfiba features --preset demo
+	$(BIN)/python -m benchmarks.bench
 
 clean-state:
 	rm -rf .state

@@ -21,7 +21,7 @@ from flows.common import Progress, dask_task_runner, gpu_annotation
 from flows.features import _checkpoint, weights_identity
 from mfiba.config import Config
 from storage.feature_store import FeatureStore
-from storage.manifest import StageManifest, code_version, write_manifest
+from storage.manifest import StageManifest, write_manifest
 from storage.results import PartTable, write_frame
 from tasks.codecs.base import build_codec_from_spec
 from tasks.datasets.sources import image_refs, open_split

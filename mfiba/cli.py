@@ -60,6 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("codec-report", help="code stored test features with every configured codec and measure")
     _common(p)
     p.add_argument("--images", type=int, default=8, help="test images to code")
+    p = sub.add_parser("precode", help="multi-pass precoding of stored features (MFIP input), on Dask")
+    _common(p)
+    p.add_argument("--splits", nargs="+", choices=["train", "calib", "test"], help="precode.splits")
+    p.add_argument("--images", nargs="+", type=int, metavar="ID", help="explicit image ids (one split)")
+    p.add_argument("--overwrite", action="store_true", help="recompute a table made with another codec or settings")
+
+    p = sub.add_parser("fit", help="fit the loss-rate and rate-phi models on the calibration split; fit report")
+    _common(p)
+
+    p = sub.add_parser("tune", help="calibration-split searches: finetuned MFIBA, SABA, lambda' grid")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="online evaluation on test images: allocation, real bitstreams, COCO mAP, "
+                                        "BD-rate report")
+    _common(p)
+    p.add_argument("--methods", nargs="+", help="evaluate.methods (uniform, mfiba, mfiba-finetuned, static, saba, oracle)")
+    p.add_argument("--images", type=int, help="evaluate.images: the first N test images (0: all)")
     return ap
 
 
@@ -74,9 +91,14 @@ def _overrides(args) -> list[str]:
     if getattr(args, "store", None):
         out.append(f"features.store={args.store}")
     if getattr(args, "splits", None):
-        out.append(f"features.splits={json.dumps(args.splits)}")
+        section = "precode" if args.command == "precode" else "features"
+        out.append(f"{section}.splits={json.dumps(args.splits)}")
     if getattr(args, "allow_random_weights", False):
         out.append("task_model.allow_random_weights=true")
+    if getattr(args, "methods", None):
+        out.append(f"evaluate.methods={json.dumps(args.methods)}")
+    if args.command == "evaluate" and args.images is not None:
+        out.append(f"evaluate.images={args.images}")
     if getattr(args, "iterations", None):
         out.append(f"train_task_model.iterations={args.iterations}")
     return out
@@ -86,17 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.preset, _overrides(args))
-        if args.command == "features" and args.images:
-            if len(cfg.features.splits) != 1:
-                raise ConfigError(f"--images needs exactly one split (--splits), got {cfg.features.splits}: "
+        if args.command in ("features", "precode") and args.images:
+            splits = cfg.features.splits if args.command == "features" else cfg.precode.splits
+            if len(splits) != 1:
+                raise ConfigError(f"--images needs exactly one split (--splits), got {splits}: "
                                   "image ids differ per split")
-            cfg.data.image_ids = {cfg.features.splits[0]: list(args.images)}
+            cfg.data.image_ids = {splits[0]: list(args.images)}
     except ConfigError as e:
         print(f"mfiba: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
+
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the local Prefect server and the
+    # Dask cluster this run started are stopped instead of orphaned.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     # Local state before anything imports prefect (it fixes PREFECT_HOME at import).
     from mfiba.runtime import LocalPrefectServer, setup_local_state
@@ -131,6 +160,22 @@ def main(argv: list[str] | None = None) -> int:
                 from flows.train_codec import run_train_codec
 
                 print(json.dumps(run_train_codec(cfg, time_budget_s=args.time_budget_s), indent=2, default=str))
+            elif args.command == "precode":
+                from flows.precode import run_precode
+
+                print(json.dumps(run_precode(cfg, overwrite=args.overwrite), indent=2))
+            elif args.command == "fit":
+                from flows.fit import run_fit
+
+                print(json.dumps(run_fit(cfg), indent=2, default=str))
+            elif args.command == "tune":
+                from flows.tune import run_tune
+
+                print(json.dumps(run_tune(cfg), indent=2, default=str))
+            elif args.command == "evaluate":
+                from flows.evaluate import run_evaluate
+
+                print(json.dumps(run_evaluate(cfg), indent=2, default=str))
             elif args.command == "codec-report":
                 from flows.codec_report import run_codec_report
 
@@ -142,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # flows re-raise task failures; name the stage and keep it short
         from flows.features import StaleStoreError
         from flows.train_codec import TrainCodecError
+        from flows.fit import FitStageError
+        from storage.results import StaleTableError
 
-        if isinstance(e, (StaleStoreError, TrainCodecError)):
+        if isinstance(e, (StaleStoreError, TrainCodecError, StaleTableError, FitStageError)):
             print(f"mfiba: {e}", file=sys.stderr)
             return 2
         raise

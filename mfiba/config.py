@@ -194,6 +194,30 @@ class TuneConfig(_Strict):
     saba_quality: int = Field(2, ge=0)
 
 
+METHODS = ("uniform", "mfiba", "mfiba-finetuned", "static", "saba", "oracle")
+
+
+class EvaluateConfig(_Strict):
+    """The online evaluation on test images: real bitstreams, decoded alone, COCO metrics."""
+
+    # Test images (the first N of the split); 0: all of them.
+    images: int = Field(32, ge=0)
+    methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))
+    # Tasks whose weights drive an allocation (each allocating method runs once per task).
+    tasks: list[Literal[TASKS]] = Field(default_factory=lambda: ["bbox"])
+    # Labels of codecs.others coded with one setting for every scale, as extra anchors
+    # (the natural-image codec, classical codecs); their phis at the same indices as tune.rate_points.
+    anchors: list[str] = Field(default_factory=list)
+    # The anchor every BD-rate is measured against (same pool mode); the natural-image codec's
+    # uniform line ("uniform-<label>") as well when it is among the anchors.
+    natural_image_anchor: str | None = None
+    pool_modes: list[Literal["coded", "derived"]] = Field(default_factory=lambda: ["coded"])
+    # "lambda": one lambda' per rate point shared by all images (the paper's RD curves);
+    # "budget": each image meets its own bit budget (the uniform anchor's predicted bits).
+    rate_mode: Literal["lambda", "budget"] = "lambda"
+    bootstrap: int = Field(100, ge=0)
+
+
 class DaskConfig(_Strict):
     scheduler_address: str | None = None
     n_workers: int = Field(2, ge=1)
@@ -219,6 +243,7 @@ class Config(_Strict):
     fit: FitConfig = Field(default_factory=FitConfig)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @model_validator(mode="after")

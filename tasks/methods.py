@@ -128,3 +128,28 @@ def lambda_grid(weights_per_image: list[np.ndarray], models: RateModels, pixels_
                 hi = mid
         grid.append(float(10.0 ** (0.5 * (lo + hi))))
     return grid
+
+
+def rate_models_from_fit(fit: dict, task: str, scales, loss_rate_model: str = "pooled",
+                         divisors: str = "paper") -> RateModels:
+    """The models of one task from `mfiba fit`'s output (flows.fit.load_current_fit); a fit
+    flagged unusable (degenerate data) is refused with its name."""
+    if task not in fit["tasks"]:
+        raise ValueError(f"the fit {fit.get('version')} has no models for task {task!r} "
+                         f"(has {sorted(fit['tasks'])})")
+    per_task = fit["tasks"][task]
+    fits = {"pooled": per_task["pooled"]} if loss_rate_model == "pooled" else \
+        {f"scale {s}": per_task["per_scale"].get(s) for s in scales}
+    fits.update({f"rate-phi {s}": per_task["rate_phi"].get(s) for s in scales})
+    bad = [name for name, f in fits.items() if not f or f.get("status", "ok") != "ok"]
+    if bad:
+        raise ValueError(f"fit {fit.get('version')}, task {task!r}: no usable model for {bad} "
+                         "(see the fit report); try allocation.loss_rate_model=pooled or more calibration images")
+    if loss_rate_model == "pooled":
+        alpha, beta = (per_task["pooled"]["alpha"],), (per_task["pooled"]["beta"],)
+    else:
+        alpha = tuple(per_task["per_scale"][s]["alpha"] for s in scales)
+        beta = tuple(per_task["per_scale"][s]["beta"] for s in scales)
+    return RateModels(tuple(scales), alpha, beta,
+                      {s: (per_task["rate_phi"][s]["a"], per_task["rate_phi"][s]["b"]) for s in scales},
+                      static_weights=dict(per_task["static_weights"]), divisors=divisors)

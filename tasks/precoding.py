@@ -118,8 +118,13 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     res = PrecodeResult(reference_empty=ref.empty)
     scales = coded_scales(pool_mode)
     t0 = time.perf_counter()
-    decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in scales}
     payloads = {s: codec.compress_scale(s, feats[s][0], phi) for s in scales} if real_bits else {}
+    if payloads and not hasattr(codec, "forward_mosaic"):
+        # A classical codec has no latent to synthesise: decode the real stream once.
+        decoded = {s: (codec.decompress_scale(p), float(8 * sum(len(x) for x in p.strings)))
+                   for s, p in payloads.items()}
+    else:
+        decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in scales}
     t1 = time.perf_counter()
     variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
     stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)

@@ -32,7 +32,7 @@ def test_committed_codec_codes_demo_features(role, spec):
 
 
 def test_missing_checkpoint_names_the_field(tmp_path):
-    spec = CFG.codecs.main.model_copy(update={"checkpoint": str(tmp_path / "nope.pt")})
+    spec = CFG.codecs.others["vbr"].model_copy(update={"checkpoint": str(tmp_path / "nope.pt")})
     with pytest.raises(FileNotFoundError, match="codecs.main.checkpoint"):
         build_codec_from_spec(spec, "main", CFG.resolve_path)
     with pytest.raises(ValueError, match="codecs.others.x.phis is empty"):

@@ -21,7 +21,7 @@ TIMING = ["seconds_codec", "seconds_heads"]
 
 
 def _args(tmp_path, stage, calib=2, qualities=2, extra=()):
-    phis = [0.0018, 0.0067, 0.025, 0.0932, 0.18, 0.0035, 0.013, 0.0483]
+    phis = [20, 60, 40, 80]  # AVIF qualities of the demo's main codec
     chosen = sorted(phis[:qualities])
     return [stage, "--preset", "demo", "--workers", "2",
             "--set", f"data.root={tmp_path.parent / 'data'}", "--set", f"run_dir={tmp_path / 'run'}",

@@ -219,6 +219,8 @@ class NormParams:
 
 
 def _describe_non_finite(x: Tensor) -> str | None:
+    if bool(torch.isfinite(x).all()):  # one pass in the common case
+        return None
     nan_count = int(torch.isnan(x).sum())
     inf_count = int(torch.isinf(x).sum())
     if nan_count == 0 and inf_count == 0:

@@ -1,0 +1,201 @@
+"""`make bench`: the benchmark suite (measured figures, never asserted in tests).
+
+Writes runs/bench/bench.json and runs/bench/bench.md. Every figure is a median over
+repeated runs, with the machine and the inputs. Rerun one section with
+`python -m benchmarks.bench --only mfip` (sections: mfip, allocation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float], object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, out
+
+
+def _demo_inputs(cfg, images: int, split: str = "test"):
+    """Stored demo features of the first `images` test images (run `mfiba features` first)."""
+    from storage.feature_store import FeatureStore
+    from tasks.datasets.sources import open_split
+    from tasks.precoding import stored_image
+
+    store = FeatureStore(cfg.store_url(), mode="r")
+    ids = [i for i in store.image_ids() if store.read_attrs(i)["split"] == split][:images]
+    if len(ids) < images:
+        raise SystemExit(f"bench: {len(ids)} {split} images in {store.url}; run `mfiba features --preset demo` first")
+    ds = open_split(cfg, split)
+    return [(i, *stored_image(store, i)[:2]) for i in ids], ds.categories
+
+
+def bench_mfip(cfg, images: int = 2, repeats: int = 3) -> dict:
+    """MFIP precoding per image: the straightforward loop (real entropy coding per pass,
+    heads one pass at a time) against the batched path; same weights checked."""
+    import torch
+
+    from tasks.codecs.base import build_codec_from_spec
+    from tasks.importance import mfip_weights
+    from tasks.models.registry import build_task_model
+    from tasks.precoding import coded_scales, precode_batched, precode_reference
+
+    torch.set_num_threads(1)
+    codec = build_codec_from_spec(cfg.codecs.main, "main", cfg.resolve_path)
+    model = build_task_model(cfg.task_model.name, str(cfg.resolve_path(cfg.task_model.checkpoint)))
+    inputs, categories = _demo_inputs(cfg, images)
+    phis, pool_mode = cfg.codecs.main.phis, cfg.codecs.pool_mode
+    n = len(coded_scales(pool_mode))
+    rows = []
+    for image_id, feats, meta in inputs:
+        t_loop, _, ref = timed(lambda: precode_reference(model, codec, image_id, feats, meta, phis, categories,
+                                                         ("bbox",), pool_mode), repeats)
+        t_batch, _, bat = timed(lambda: precode_batched(model, codec, image_id, feats, meta, phis, categories,
+                                                        ("bbox",), pool_mode), repeats)
+        la = np.array([r["loss_bbox"] for r in ref.rows]).reshape(len(phis), n)
+        lb = np.array([r["loss_bbox"] for r in bat.rows]).reshape(len(phis), n)
+        max_diff = float(np.abs(mfip_weights(la).weights - mfip_weights(lb).weights).max())
+        def encode_decode():
+            data = codec.compress({s: f[0] for s, f in feats.items()}, phis[len(phis) // 2])
+            codec.decompress(data)
+        t_one, _, _ = timed(encode_decode, repeats)
+        rows.append({"image_id": image_id, "loop_s": t_loop, "batched_s": t_batch, "speedup": t_loop / t_batch,
+                     "loop_codec_s": ref.seconds_codec, "loop_heads_s": ref.seconds_heads,
+                     "loop_loss_s": ref.seconds_loss, "batched_codec_s": bat.seconds_codec,
+                     "batched_heads_s": bat.seconds_heads, "batched_loss_s": bat.seconds_loss,
+                     "one_encode_decode_s": t_one, "batched_over_one_encode_decode": t_batch / t_one,
+                     "max_weight_difference": max_diff})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "image_id"}
+    return {"inputs": {"images": [r["image_id"] for r in rows], "qualities": len(phis), "coded_scales": n,
+                       "task": "bbox", "codec": cfg.codecs.main.name, "repeats": repeats,
+                       "loop": "real rANS encode+decode per pass, full heads one pass at a time",
+                       "batched": "synthesis of the quantised latent, passes of one quality stacked, box-only heads"},
+            "per_image": rows, "median": med,
+            "goals": {"speedup_at_least": 5.0, "over_one_encode_decode_at_most": 4.0}}
+
+
+def bench_allocation(cfg, images: int = 8, repeats: int = 200) -> dict:
+    """Allocation time per image (closed form at one lambda', and per-image budget by
+    bisection) and rate-control accuracy: real bits achieved against each image's budget."""
+    import torch
+
+    from flows.fit import load_current_fit
+    from tasks.codecs.base import build_codec_from_spec
+    from tasks.importance import mfip_weights
+    from tasks.methods import allocate_phis, lambda_grid, predicted_bits, rate_models_from_fit, uniform_phis
+    from tasks.models.registry import build_task_model
+    from tasks.precoding import coded_scales, precode_batched
+
+    torch.set_num_threads(1)
+    fit = load_current_fit(cfg, cfg.tune.metric)
+    scales = coded_scales(cfg.codecs.pool_mode)
+    models = rate_models_from_fit(fit, "bbox", scales, cfg.allocation.loss_rate_model, cfg.allocation.divisors)
+    codec = build_codec_from_spec(cfg.codecs.main, "main", cfg.resolve_path)
+    model = build_task_model(cfg.task_model.name, str(cfg.resolve_path(cfg.task_model.checkpoint)))
+    inputs, categories = _demo_inputs(cfg, images)
+    phis = cfg.codecs.main.phis
+    rows, t_closed, t_budget = [], [], []
+    for image_id, feats, meta in inputs:
+        pre = precode_batched(model, codec, image_id, feats, meta, phis, categories, ("bbox",), cfg.codecs.pool_mode)
+        w = mfip_weights(np.array([r["loss_bbox"] for r in pre.rows]).reshape(len(phis), len(scales))).weights
+        px = np.array([feats[s].shape[-2] * feats[s].shape[-1] for s in scales])
+        lam = 1.0
+        t_closed.append(timed(lambda: allocate_phis(w, models, px, lam, codec.phi_range), repeats)[0])
+        for q in cfg.tune.rate_points:
+            uniform = {s: phis[q] for s in scales}
+            target = predicted_bits(models, uniform_phis(scales, phis[q]), px)
+            t, _, grid = timed(lambda: lambda_grid([w], models, [px], [target], codec.phi_range), 5)
+            t_budget.append(t)
+            alloc, _ = allocate_phis(w, models, px, grid[0], codec.phi_range)
+            real_uniform = sum(codec.compress_scale(s, feats[s][0], uniform[s]).bits for s in scales)
+            achieved = sum(codec.compress_scale(s, feats[s][0], alloc[s]).bits for s in scales)
+            rows.append({"image_id": image_id, "rate_point": q, "target_bits": target, "achieved_bits": achieved,
+                         "uniform_real_bits": real_uniform,
+                         "error_percent": 100.0 * (achieved - target) / target,
+                         "uniform_model_error_percent": 100.0 * (real_uniform - target) / target})
+    err = np.abs([r["error_percent"] for r in rows])
+    return {"inputs": {"images": [i for i, _, _ in inputs], "rate_points": cfg.tune.rate_points, "fit": fit["version"],
+                       "repeats": repeats, "codec": cfg.codecs.main.name,
+                       "target": "the rate-phi model's bits for the uniform setting at each rate point"},
+            "closed_form_ms_per_image": 1e3 * statistics.median(t_closed),
+            "budget_bisection_ms_per_image": 1e3 * statistics.median(t_budget),
+            "rate_control": {"mean_abs_error_percent": float(err.mean()),
+                             "p95_abs_error_percent": float(np.percentile(err, 95))},
+            "per_image": rows, "goals": {"ms_per_image_at_most": 1.0}}
+
+
+SECTIONS = {"mfip": bench_mfip, "allocation": bench_allocation}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Benchmarks", "", f"Machine: `{json.dumps(results['machine'])}`", ""]
+    if "mfip" in results:
+        m = results["mfip"]["median"]
+        lines += ["## MFIP precoding per image (median over images of medians over repeats)", "",
+                  "| loop s | batched s | speed-up | loop codec / heads / loss s | batched codec / heads / loss s "
+                  "| one enc+dec s | batched / one enc+dec | max weight diff |", "|---|---|---|---|---|---|---|---|",
+                  f"| {m['loop_s']:.2f} | {m['batched_s']:.2f} | {m['speedup']:.1f}x | "
+                  f"{m['loop_codec_s']:.2f} / {m['loop_heads_s']:.2f} / {m['loop_loss_s']:.2f} | "
+                  f"{m['batched_codec_s']:.2f} / {m['batched_heads_s']:.2f} / {m['batched_loss_s']:.2f} | "
+                  f"{m['one_encode_decode_s']:.3f} | {m['batched_over_one_encode_decode']:.1f} | "
+                  f"{m['max_weight_difference']:.1e} |", "",
+                  f"Inputs: {json.dumps(results['mfip']['inputs'])}. Rerun: `python -m benchmarks.bench --only mfip`.", ""]
+    if "allocation" in results:
+        a = results["allocation"]
+        lines += ["## Allocation", "", "| closed form ms/image | budget (bisection) ms/image | rate control mean abs error % "
+                  "| p95 abs error % |", "|---|---|---|---|",
+                  f"| {a['closed_form_ms_per_image']:.3f} | {a['budget_bisection_ms_per_image']:.2f} | "
+                  f"{a['rate_control']['mean_abs_error_percent']:.1f} | {a['rate_control']['p95_abs_error_percent']:.1f} |",
+                  "", f"Inputs: {json.dumps(a['inputs'])}. Rerun: `python -m benchmarks.bench --only allocation`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from mfiba.config import load_config
+    from mfiba.runtime import setup_local_state
+
+    setup_local_state()
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {list(SECTIONS)}")
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench"))
+    args = ap.parse_args(argv)
+    cfg = load_config("demo")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["machine"] = machine()
+    for name in args.only.split(","):
+        print(f"bench: {name} ...", flush=True)
+        t0 = time.time()
+        results[name] = SECTIONS[name](cfg)
+        results[name]["wall_s"] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(results, indent=2, default=float))
+    (out / "bench.md").write_text(markdown(results))
+    print((out / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""`mfiba evaluate`: the online path on test images, every method at every rate point.
+
+Per test image (Dask tasks): MFIP weights from the image's own precoding (and, labelled
+oracle, from its annotations); per (method, rate point) the allocation gives one phi per
+scale; each image is coded to a real bitstream file; a separate step decodes that file
+alone and runs the heads. Then COCOeval per method and rate point, BD-rate against the
+uniform anchor (and the natural-image codec when configured) with a paired bootstrap
+interval, RD plots with the lossless ceiling, and a report.
+
+A rate point of an allocating method is one lambda' shared by all test images (the paper's RD
+curves), chosen so that the mean predicted bits match the uniform anchor's rate points; the
+per-image budget mode is `evaluate.rate_mode=budget`. Cached per (image, method, rate point,
+pool mode); resumable.
+"""
+from __future__ import annotations
+
+import json
+
+import dask
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import Progress, dask_task_runner, gpu_annotation
+from flows.features import _checkpoint, weights_identity
+from flows.fit import load_current_fit
+from flows.tune import load_current_tune
+from mfiba.config import Config, ConfigError
+from storage.feature_store import FeatureStore
+from storage.manifest import StageManifest, code_version, write_manifest
+from storage.results import PartTable, write_frame
+from storage.urls import atomic_write_text
+from tasks.codecs.base import build_codec_from_spec
+from tasks.datasets.sources import image_refs, open_split
+from tasks.device import resolve_device
+from tasks.evaluation import report
+from tasks.evaluation.online import (EvalSettings, decode_items, encode_items, item_key, lossless_detections,
+                                     online_weights, weights_key)
+from tasks.methods import (RateModels, allocate_phis, lambda_grid, method_weights, predicted_bits,
+                           rate_models_from_fit, uniform_phis)
+from tasks.models.registry import build_task_model
+from tasks.precoding import coded_scales
+
+
+@task(name="online-weights", retries=2, retry_delay_seconds=2, task_run_name="mfip-image-{image_id}-pool-{pool_mode}")
+def weights_task(settings: EvalSettings, image_id: int, pool_mode: str):
+    return online_weights(settings, image_id, pool_mode)
+
+
+@task(name="encode", retries=2, retry_delay_seconds=2, task_run_name="encode-image-{image_id}")
+def encode_task(settings: EvalSettings, image_id: int, entries: list[dict]):
+    return encode_items(settings, image_id, entries)
+
+
+@task(name="decode-and-detect", retries=2, retry_delay_seconds=2, task_run_name="decode-image-{image_id}")
+def decode_task(settings: EvalSettings, image_id: int, entries: list[dict]):
+    return decode_items(settings, image_id, entries)
+
+
+@task(name="lossless-ceiling", retries=2, retry_delay_seconds=2)
+def ceiling_task(settings: EvalSettings, image_ids: list[int]):
+    return lossless_detections(settings, image_ids)
+
+
+def _label(method: str, task: str, tasks: list[str]) -> str:
+    return method if method == "uniform" or len(tasks) == 1 else f"{method}[{task}]"
+
+
+def _models_for_mode(base: RateModels, scales, tune: dict) -> RateModels:
+    """The fitted models restricted to the coded scales of a pool mode, with the tuned weights.
+    Static, SABA and finetuned weights come from the calibration of the configured pool mode;
+    for the other mode 'pool' is dropped and the rest renormalised (stated in the report)."""
+    def restrict(d: dict) -> dict:
+        kept = {s: float(d[s]) for s in scales if s in d}
+        total = sum(kept.values())
+        return {s: v / total for s, v in kept.items()} if total > 0 else kept
+
+    index = [base.scales.index(s) for s in scales]
+    pick = (lambda t: t if len(t) == 1 else tuple(t[i] for i in index))
+    return RateModels(tuple(scales), pick(base.alpha), pick(base.beta), {s: base.rate_phi[s] for s in scales},
+                      static_weights=restrict(base.static_weights),
+                      weight_correction={s: float(tune["weight_correction"].get(s, 0.0)) for s in scales},
+                      saba_weights=restrict(tune["saba_weights"]), divisors=base.divisors)
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{preset}")
+def evaluate_flow(config: dict, preset: str = "demo") -> dict:
+    cfg = Config(**config)
+    logger = get_run_logger()
+    device = resolve_device(cfg.device)
+    ec = cfg.evaluate
+    unknown = [a for a in ec.anchors if a not in cfg.codecs.others]
+    if unknown:
+        raise ConfigError(f"evaluate.anchors: {unknown} are not labels of codecs.others ({sorted(cfg.codecs.others)})")
+    fit = load_current_fit(cfg, cfg.tune.metric)
+    tune = load_current_tune(cfg)
+    if tune.get("fit_version") != fit["version"]:
+        logger.warning(f"tune was computed on fit {tune.get('fit_version')}, the current fit is {fit['version']}: "
+                       "rerun `mfiba tune`")
+    store = FeatureStore(cfg.store_url(), mode="r")
+    model = build_task_model(cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights)
+    weights_id = weights_identity(model)
+    del model
+    refs = image_refs(cfg, ["test"])["test"]
+    image_ids = [r.image_id for r in refs][:ec.images or None]
+    missing = sorted(set(image_ids) - set(store.image_ids()))
+    if missing:
+        raise RuntimeError(f"{len(missing)} test images have no features in {store.url}: run `mfiba features` first")
+    main = build_codec_from_spec(cfg.codecs.main, "main", cfg.resolve_path)
+    levels = list(main.lambdas) if hasattr(main, "lambdas") and not getattr(main, "variable_rate", False) else None
+    phis = cfg.codecs.main.phis
+    phi_range = (min(phis), max(phis))  # where the rate-phi model was fitted
+    points = cfg.tune.rate_points
+    ds = open_split(cfg, "test")
+    run = cfg.resolve_path(cfg.run_dir)
+    out = f"{run}/evaluate"
+    specs = {"main": cfg.codecs.main.model_dump(mode="json"),
+             **{a: cfg.codecs.others[a].model_dump(mode="json") for a in ec.anchors}}
+    codec_shas = {"main": main.checkpoint_sha256.hex(),
+                  **{a: build_codec_from_spec(cfg.codecs.others[a], a, cfg.resolve_path).checkpoint_sha256.hex()
+                     for a in ec.anchors}}
+    tasks_all = tuple(cfg.precode.tasks) or ("bbox", "segm", "keypoints")
+    weights_identity_doc = {"weights": weights_id, "codec": specs["main"], "codec_sha256": codec_shas["main"],
+                            "tasks": list(tasks_all), "importance": [cfg.fit.importance_mode, cfg.fit.importance_floor]}
+    det_identity = {"weights": weights_id, "codecs": specs, "codec_sha256": codec_shas, "data": cfg.data_identity()}
+    weights_table = PartTable(f"{out}/online-weights", weights_identity_doc)
+    det_table = PartTable(f"{out}/detections", det_identity)
+    settings = EvalSettings(
+        cfg.store_url(), cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights,
+        json.dumps(specs, sort_keys=True),
+        (str(ds.image_dir), str(ds.instances_json), str(ds.keypoints_json) if ds.keypoints_json else None),
+        tasks_all, tuple(phis), f"{out}/streams", weights_table.url, json.dumps(weights_table.identity, sort_keys=True),
+        det_table.url, json.dumps(det_table.identity, sort_keys=True), cfg.fit.importance_mode,
+        cfg.fit.importance_floor, device, cfg.dask.threads_per_worker)
+
+    # 1. Online MFIP (and oracle) weights per test image and pool mode.
+    have = weights_table.keys()
+    todo = [(i, m) for m in ec.pool_modes for i in image_ids if weights_key(i, m) not in have]
+    logger.info(f"evaluate: {len(image_ids)} test images, pool modes {ec.pool_modes}; online weights: "
+                f"{len(image_ids) * len(ec.pool_modes) - len(todo)} cached, {len(todo)} to compute")
+    progress = Progress(logger, "online MFIP weights", len(todo))
+    with dask.annotate(**gpu_annotation(cfg, device)):
+        futures = [weights_task.submit(settings, i, m) for i, m in todo]
+    for f in futures:
+        f.result()
+        progress.advance(1)
+    weights = weights_table.read()
+
+    # 2. The plan: one entry per (image, method, rate point, pool mode).
+    plan: dict[int, list[dict]] = {i: [] for i in image_ids}
+    lambdas_used = []
+    for pool_mode in ec.pool_modes:
+        scales = coded_scales(pool_mode)
+        pixels = _scale_pixels(store, image_ids, scales)
+        for k, q in enumerate(points):
+            for i in image_ids:
+                plan[i].append({"method": "uniform", "point": k, "codec": "main", "pool_mode": pool_mode,
+                                "phis": uniform_phis(scales, phis[q]), "rate_setting": phis[q]})
+            for a in ec.anchors:
+                aphis = cfg.codecs.others[a].phis
+                phi = aphis[min(q, len(aphis) - 1)]
+                for i in image_ids:
+                    plan[i].append({"method": f"uniform-{a}", "point": k, "codec": a, "pool_mode": pool_mode,
+                                    "phis": uniform_phis(scales, phi), "rate_setting": phi})
+        for task_name in ec.tasks:
+            base = rate_models_from_fit(fit, task_name, ("0", "1", "2", "3", "pool"), cfg.allocation.loss_rate_model,
+                                        cfg.allocation.divisors)
+            models = _models_for_mode(base, scales, tune)
+            w = weights[(weights.task == task_name) & (weights.pool_mode == pool_mode)]
+            per_image = {(i, src): dict(zip(g.scale, g.weight)) for (i, src), g in w.groupby(["image_id", "source"])}
+            targets = {i: [predicted_bits(models, uniform_phis(scales, phis[q]), pixels[i]) for q in points]
+                       for i in image_ids}
+            for method in [m for m in ec.methods if m != "uniform"]:
+                vectors = {i: method_weights(method, models, per_image.get((i, "loss")), per_image.get((i, "oracle")))
+                           for i in image_ids}
+                if ec.rate_mode == "lambda":
+                    grid = lambda_grid([vectors[i] for i in image_ids], models, [pixels[i] for i in image_ids],
+                                       [float(np.mean([targets[i][k] for i in image_ids])) for k in range(len(points))],
+                                       phi_range, levels)
+                    lam = {i: grid for i in image_ids}
+                else:  # each image meets its own budget
+                    lam = {i: lambda_grid([vectors[i]], models, [pixels[i]], targets[i], phi_range, levels)
+                           for i in image_ids}
+                label = _label(method, task_name, ec.tasks)
+                lambdas_used.append({"method": label, "pool_mode": pool_mode, "lambdas": lam[image_ids[0]]})
+                for i in image_ids:
+                    for k in range(len(points)):
+                        phi_map, _ = allocate_phis(vectors[i], models, pixels[i], lam[i][k], phi_range, levels)
+                        plan[i].append({"method": label, "point": k, "codec": "main", "pool_mode": pool_mode,
+                                        "phis": phi_map, "rate_setting": lam[i][k], "weights_task": task_name})
+
+    # 3. Encode to stream files, then decode from the files alone (a separate task), per image.
+    n_entries = sum(len(v) for v in plan.values())
+    done = det_table.keys() & {item_key(i, e) for i in image_ids for e in plan[i]}
+    logger.info(f"evaluate: {n_entries} coded images planned ({n_entries // max(1, len(image_ids))} per test image), "
+                f"{len(done)} already decoded and scored")
+    progress = Progress(logger, "encode + decode + heads (images)", len(image_ids))
+    ceiling_future = ceiling_task.submit(settings, image_ids)
+    with dask.annotate(**gpu_annotation(cfg, device)):
+        decodes = []
+        for i in image_ids:
+            enc = encode_task.submit(settings, i, plan[i])
+            decodes.append(decode_task.submit(settings, i, plan[i], wait_for=[enc]))
+    for f in decodes:
+        f.result()
+        progress.advance(1)
+
+    # 4. Scores, BD-rates, plots, report.
+    current = {item_key(i, e) for i in image_ids for e in plan[i]}  # parts of older plans stay unread
+    detections = det_table.read(current).sort_values(["pool_mode", "method", "point", "image_id"], ignore_index=True)
+    write_frame(f"{out}/detections.parquet", detections.drop(columns=["detections"]))
+    gt = ds.to_coco(image_ids)
+    score_tasks = list(tasks_all)
+    pts, evals = report.score_points(detections, gt, score_tasks, image_ids, compact=True)
+    ceil = report.ceiling(ceiling_future.result(), gt, score_tasks, image_ids)
+    anchors = ["uniform"] + ([f"uniform-{ec.natural_image_anchor}"] if ec.natural_image_anchor else [])
+    bd = report.bd_table(pts, evals, score_tasks, anchors=anchors, n_boot=ec.bootstrap, seed=cfg.seed)
+    write_frame(f"{out}/rd_points.parquet", pts)
+    write_frame(f"{out}/bdrate.parquet", bd)
+    plots = report.rd_plots(pts, ceil, score_tasks, cfg.resolve_path(cfg.run_dir) / "evaluate" / "plots")
+    meta = {"preset": cfg.preset, "test_images": len(image_ids), "codec": cfg.codecs.main.name,
+            "rate_points": [phis[q] for q in points], "lambdas": lambdas_used, "fit": fit["version"],
+            "tune": tune["version"], "rate_mode": ec.rate_mode, "code_version": code_version(),
+            "weights_from": f"tasks {ec.tasks}; static/SABA/finetuned weights calibrated with pool "
+                           f"{cfg.codecs.pool_mode}"}
+    md = report.markdown_report(pts, bd, ceil, meta)
+    atomic_write_text(f"{out}/report.md", md)
+    create_markdown_artifact(md, key="evaluate-report", description=f"MFIBA evaluation on {len(image_ids)} test images")
+    summary = {"report": f"{out}/report.md", "rd_points": f"{out}/rd_points.csv", "bdrate": f"{out}/bdrate.csv",
+               "plots": [str(p) for p in plots], "images": len(image_ids), "coded_images": n_entries,
+               "reused": len(done)}
+    write_manifest(run, StageManifest(stage="evaluate", config_digest=cfg.digest("evaluate", "allocation", "codecs"),
+                                      input_hashes={"fit": fit["version"], "tune": tune["version"]},
+                                      items_done=int(len(detections)), extra=summary))
+    cols = [c for c in ("anchor", "pool_mode", "method", "task", "metric", "bd_pchip", "ci_low", "ci_high", "reason")
+            if c in bd]
+    logger.info("evaluate done: " + json.dumps(summary) + "\n" + bd[cols].to_string(index=False))
+    return summary
+
+
+def _scale_pixels(store, image_ids, scales) -> dict[int, np.ndarray]:
+    out = {}
+    for i in image_ids:
+        shapes = {s: a.shape for s, a in store.read_image(i, scales).items()}
+        out[i] = np.array([shapes[s][-2] * shapes[s][-1] for s in scales])
+    return out
+
+
+def run_evaluate(cfg: Config) -> dict:
+    return evaluate_flow.with_options(task_runner=dask_task_runner(cfg, resolve_device(cfg.device)))(
+        cfg.model_dump(mode="json"), cfg.preset)
