@@ -15,15 +15,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default: synthetic data, the committed demo model, local
-# Prefect server, LocalCluster, local zarr store, the committed demo codecs. (Precoding,
-# fitting and evaluation stages join this target as they land.)
+# The main job on the embedded default: synthetic data, the committed demo model and codecs,
+# local Prefect server, LocalCluster, local zarr store. Every stage is cached: a rerun
+# recomputes nothing, and an interrupted run resumes where it stopped.
 demo: $(STAMP)
 	$(BIN)/mfiba features --preset demo
 	$(BIN)/mfiba codec-report --preset demo
+	$(BIN)/mfiba precode --preset demo
+	$(BIN)/mfiba fit --preset demo
+	$(BIN)/mfiba tune --preset demo
+	$(BIN)/mfiba evaluate --preset demo
 	@echo ""
-	@echo "Feature store: runs/demo/features.zarr   stage manifests: runs/demo/manifests/"
-	@echo "Codec report: runs/demo/codec-report/summary.csv (bitstreams under runs/demo/codec-report/streams/)"
+	@echo "Report: runs/demo/evaluate/report.md (RD points, BD-rates with 95% intervals, plots in runs/demo/evaluate/plots/)"
+	@echo "Fit report: runs/demo/fit/<version>/report.md   tuning: runs/demo/tune/<version>/   codecs: runs/demo/codec-report/"
 	@echo "Prefect UI: run 'PREFECT_HOME=.state/prefect $(BIN)/prefect server start --host 127.0.0.1' and open http://127.0.0.1:4200"
 
 test: $(STAMP)

@@ -15,11 +15,13 @@ pool mode); resumable.
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import dask
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.common import Progress, dask_task_runner, gpu_annotation
 from flows.features import _checkpoint, weights_identity
@@ -42,9 +44,9 @@ from tasks.models.registry import build_task_model
 from tasks.precoding import coded_scales
 
 
-@task(name="online-weights", retries=2, retry_delay_seconds=2, task_run_name="mfip-image-{image_id}-pool-{pool_mode}")
-def weights_task(settings: EvalSettings, image_id: int, pool_mode: str):
-    return online_weights(settings, image_id, pool_mode)
+@task(name="online-weights", retries=2, retry_delay_seconds=2, task_run_name="mfip-image-{image_id}")
+def weights_task(settings: EvalSettings, image_id: int, pool_modes: tuple[str, ...]):
+    return online_weights(settings, image_id, pool_modes)
 
 
 @task(name="encode", retries=2, retry_delay_seconds=2, task_run_name="encode-image-{image_id}")
@@ -80,7 +82,9 @@ def _models_for_mode(base: RateModels, scales, tune: dict) -> RateModels:
     return RateModels(tuple(scales), pick(base.alpha), pick(base.beta), {s: base.rate_phi[s] for s in scales},
                       static_weights=restrict(base.static_weights),
                       weight_correction={s: float(tune["weight_correction"].get(s, 0.0)) for s in scales},
-                      saba_weights=restrict(tune["saba_weights"]), divisors=base.divisors)
+                      saba_weights=restrict(tune["saba_weights"]), divisors=base.divisors,
+                      rate_phi_points={s: base.rate_phi_points[s] for s in scales if s in base.rate_phi_points},
+                      rate_phi_mode=base.rate_phi_mode)
 
 
 @flow(name="evaluate", flow_run_name="evaluate-{preset}")
@@ -93,14 +97,15 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     if unknown:
         raise ConfigError(f"evaluate.anchors: {unknown} are not labels of codecs.others ({sorted(cfg.codecs.others)})")
     fit = load_current_fit(cfg, cfg.tune.metric)
-    tune = load_current_tune(cfg)
+    needs_tune = bool({"mfiba-finetuned", "saba"} & set(ec.methods))
+    tune = load_current_tune(cfg) if needs_tune else {"version": None, "fit_version": fit["version"],
+                                                      "weight_correction": {}, "saba_weights": {}}
     if tune.get("fit_version") != fit["version"]:
         logger.warning(f"tune was computed on fit {tune.get('fit_version')}, the current fit is {fit['version']}: "
                        "rerun `mfiba tune`")
     store = FeatureStore(cfg.store_url(), mode="r")
-    model = build_task_model(cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights)
-    weights_id = weights_identity(model)
-    del model
+    weights_id = weights_identity(build_task_model(cfg.task_model.name, _checkpoint(cfg),
+                                                   cfg.task_model.allow_random_weights))
     refs = image_refs(cfg, ["test"])["test"]
     image_ids = [r.image_id for r in refs][:ec.images or None]
     missing = sorted(set(image_ids) - set(store.image_ids()))
@@ -119,36 +124,41 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     codec_shas = {"main": main.checkpoint_sha256.hex(),
                   **{a: build_codec_from_spec(cfg.codecs.others[a], a, cfg.resolve_path).checkpoint_sha256.hex()
                      for a in ec.anchors}}
-    tasks_all = tuple(cfg.precode.tasks) or ("bbox", "segm", "keypoints")
+    model_tasks = tuple(build_task_model(cfg.task_model.name, _checkpoint(cfg),
+                                         cfg.task_model.allow_random_weights).tasks)
+    score_tasks = tuple(ec.score_tasks) or model_tasks
     weights_identity_doc = {"weights": weights_id, "codec": specs["main"], "codec_sha256": codec_shas["main"],
-                            "tasks": list(tasks_all), "importance": [cfg.fit.importance_mode, cfg.fit.importance_floor]}
-    det_identity = {"weights": weights_id, "codecs": specs, "codec_sha256": codec_shas, "data": cfg.data_identity()}
-    weights_table = PartTable(f"{out}/online-weights", weights_identity_doc)
-    det_table = PartTable(f"{out}/detections", det_identity)
+                            "tasks": list(ec.tasks), "importance": [cfg.fit.importance_mode, cfg.fit.importance_floor],
+                            "oracle": "oracle" in ec.methods}
+    det_identity = {"weights": weights_id, "codecs": specs, "codec_sha256": codec_shas, "data": cfg.data_identity(),
+                    "score_tasks": list(score_tasks)}
+    weights_table = PartTable.for_identity(f"{out}/online-weights", weights_identity_doc)
+    det_table = PartTable.for_identity(f"{out}/detections", det_identity)
     settings = EvalSettings(
         cfg.store_url(), cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights,
         json.dumps(specs, sort_keys=True),
         (str(ds.image_dir), str(ds.instances_json), str(ds.keypoints_json) if ds.keypoints_json else None),
-        tasks_all, tuple(phis), f"{out}/streams", weights_table.url, json.dumps(weights_table.identity, sort_keys=True),
-        det_table.url, json.dumps(det_table.identity, sort_keys=True), cfg.fit.importance_mode,
+        tuple(ec.tasks), score_tasks, tuple(phis), f"{out}/streams", weights_table.url, json.dumps(weights_table.identity, sort_keys=True),
+        det_table.url, json.dumps(det_table.identity, sort_keys=True), "oracle" in ec.methods, cfg.fit.importance_mode,
         cfg.fit.importance_floor, device, cfg.dask.threads_per_worker)
 
     # 1. Online MFIP (and oracle) weights per test image and pool mode.
     have = weights_table.keys()
-    todo = [(i, m) for m in ec.pool_modes for i in image_ids if weights_key(i, m) not in have]
-    logger.info(f"evaluate: {len(image_ids)} test images, pool modes {ec.pool_modes}; online weights: "
-                f"{len(image_ids) * len(ec.pool_modes) - len(todo)} cached, {len(todo)} to compute")
-    progress = Progress(logger, "online MFIP weights", len(todo))
+    modes = tuple(ec.pool_modes)
+    todo = [i for i in image_ids if weights_key(i, modes) not in have]
+    logger.info(f"evaluate: {len(image_ids)} test images, pool modes {list(modes)}; online weights: "
+                f"{len(image_ids) - len(todo)} cached, {len(todo)} to compute")
+    progress = Progress(logger, "online MFIP weights (images)", len(todo))
     with dask.annotate(**gpu_annotation(cfg, device)):
-        futures = [weights_task.submit(settings, i, m) for i, m in todo]
+        futures = [weights_task.submit(settings, i, modes) for i in todo]
     for f in futures:
         f.result()
         progress.advance(1)
-    weights = weights_table.read()
+    weights = weights_table.read([weights_key(i, modes) for i in image_ids])
 
     # 2. The plan: one entry per (image, method, rate point, pool mode).
     plan: dict[int, list[dict]] = {i: [] for i in image_ids}
-    lambdas_used = []
+    lambdas_used, seconds_assign = [], []
     for pool_mode in ec.pool_modes:
         scales = coded_scales(pool_mode)
         pixels = _scale_pixels(store, image_ids, scales)
@@ -164,7 +174,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
                                     "phis": uniform_phis(scales, phi), "rate_setting": phi})
         for task_name in ec.tasks:
             base = rate_models_from_fit(fit, task_name, ("0", "1", "2", "3", "pool"), cfg.allocation.loss_rate_model,
-                                        cfg.allocation.divisors)
+                                        cfg.allocation.divisors, cfg.allocation.rate_phi_mode)
             models = _models_for_mode(base, scales, tune)
             w = weights[(weights.task == task_name) & (weights.pool_mode == pool_mode)]
             per_image = {(i, src): dict(zip(g.scale, g.weight)) for (i, src), g in w.groupby(["image_id", "source"])}
@@ -185,7 +195,9 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
                 lambdas_used.append({"method": label, "pool_mode": pool_mode, "lambdas": lam[image_ids[0]]})
                 for i in image_ids:
                     for k in range(len(points)):
+                        t0 = time.perf_counter()
                         phi_map, _ = allocate_phis(vectors[i], models, pixels[i], lam[i][k], phi_range, levels)
+                        seconds_assign.append(time.perf_counter() - t0)
                         plan[i].append({"method": label, "point": k, "codec": "main", "pool_mode": pool_mode,
                                         "phis": phi_map, "rate_setting": lam[i][k], "weights_task": task_name})
 
@@ -197,45 +209,118 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     progress = Progress(logger, "encode + decode + heads (images)", len(image_ids))
     ceiling_future = ceiling_task.submit(settings, image_ids)
     with dask.annotate(**gpu_annotation(cfg, device)):
-        decodes = []
+        encodes, decodes = [], []
         for i in image_ids:
-            enc = encode_task.submit(settings, i, plan[i])
-            decodes.append(decode_task.submit(settings, i, plan[i], wait_for=[enc]))
+            encodes.append(encode_task.submit(settings, i, plan[i]))
+            decodes.append(decode_task.submit(settings, i, plan[i], wait_for=[encodes[-1]]))
     for f in decodes:
         f.result()
         progress.advance(1)
+    seconds_encode = [t for e in encodes for t in e.result().seconds_per_item.values()]
 
-    # 4. Scores, BD-rates, plots, report.
+    # 4. Scores, BD-rates, plots, report: written to the run folder.
     current = {item_key(i, e) for i in image_ids for e in plan[i]}  # parts of older plans stay unread
     detections = det_table.read(current).sort_values(["pool_mode", "method", "point", "image_id"], ignore_index=True)
-    write_frame(f"{out}/detections.parquet", detections.drop(columns=["detections"]))
     gt = ds.to_coco(image_ids)
-    score_tasks = list(tasks_all)
-    pts, evals = report.score_points(detections, gt, score_tasks, image_ids, compact=True)
-    ceil = report.ceiling(ceiling_future.result(), gt, score_tasks, image_ids)
+    pts, evals = report.score_points(detections, gt, list(score_tasks), image_ids, compact=True)
+    ceil = report.ceiling(ceiling_future.result(), gt, list(score_tasks), image_ids)
     anchors = ["uniform"] + ([f"uniform-{ec.natural_image_anchor}"] if ec.natural_image_anchor else [])
-    bd = report.bd_table(pts, evals, score_tasks, anchors=anchors, n_boot=ec.bootstrap, seed=cfg.seed)
-    write_frame(f"{out}/rd_points.parquet", pts)
-    write_frame(f"{out}/bdrate.parquet", bd)
-    plots = report.rd_plots(pts, ceil, score_tasks, cfg.resolve_path(cfg.run_dir) / "evaluate" / "plots")
-    meta = {"preset": cfg.preset, "test_images": len(image_ids), "codec": cfg.codecs.main.name,
-            "rate_points": [phis[q] for q in points], "lambdas": lambdas_used, "fit": fit["version"],
-            "tune": tune["version"], "rate_mode": ec.rate_mode, "code_version": code_version(),
-            "weights_from": f"tasks {ec.tasks}; static/SABA/finetuned weights calibrated with pool "
-                           f"{cfg.codecs.pool_mode}"}
-    md = report.markdown_report(pts, bd, ceil, meta)
-    atomic_write_text(f"{out}/report.md", md)
+    bd = report.bd_table(pts, evals, list(score_tasks), anchors=anchors, n_boot=ec.bootstrap, seed=cfg.seed)
+    codec_of = {m: (cfg.codecs.main.name if c == "main" else cfg.codecs.others[c].name)
+                for m, c in zip(detections.method, detections.codec)}
+    plots_dir = run / "plots"
+    figures = {f"RD {p.rsplit('_', 1)[0].split('rd_', 1)[-1]}": os.path.relpath(p, run)
+               for p in report.rd_plots(pts, ceil, list(score_tasks), plots_dir)}
+    for name, path in fit.get("figures", {}).items():
+        figures[name] = os.path.relpath(path, run)
+    sens = report.sensitivity_plot(str(cfg.resolve_path("assets/demo-task-model/sensitivity.csv"))
+                                   if cfg.task_model.name == "demo-multitask" else "", plots_dir)
+    if sens:
+        figures["Fig. 1 sensitivity"] = os.path.relpath(sens, run)
+    bits = report.bits_per_scale(detections)
+    online = weights_table.read([weights_key(i, modes) for i in image_ids])
+    timing = report.timing_table({
+        f"t_pre (online precoding, per image, pool {'+'.join(modes)})":
+            online.drop_duplicates("image_id").seconds_precode.tolist(),
+        "t_assign (allocation, per image and rate point)": seconds_assign,
+        "t_enc (encode, per coded image)": seconds_encode,
+        "t_dec (decode, per coded image)": detections.seconds_decode.tolist(),
+        "t_task (heads, per coded image)": detections.seconds_heads.tolist()})
+    write_frame(str(run / "rd_points.parquet"), pts.drop(columns=[c for c in ("image_bits", "image_input_pixels")
+                                                                   if c in pts]))
+    write_frame(str(run / "bdrate.parquet"), report.long_bdrate(bd, codec_of))
+    write_frame(str(run / "bits_per_scale.parquet"), bits)
+    write_frame(str(run / "timing.parquet"), timing)
+    provenance = {"config": cfg.model_dump(mode="json"), "code_version": code_version(), "packages": _packages(),
+                  "machine": _machine(), "fit": fit["version"], "tune": tune["version"]}
+    atomic_write_text(str(run / "provenance.json"), json.dumps(provenance, indent=2, default=str))
+    calib = len(image_refs(cfg, [cfg.fit.split]).get(cfg.fit.split, []))
+    run_info = {
+        "preset": cfg.preset, "task model": f"{cfg.task_model.name} ({weights_id[:19]})",
+        "splits": f"calibration {calib} images (fits, tuning, SABA), test {len(image_ids)} images (this report); "
+                  "disjoint, checked",
+        "codec": f"{cfg.codecs.main.name}, rate points phi = {[phis[q] for q in points]}",
+        "methods": ", ".join(ec.methods) + (f"; anchors: {', '.join(ec.anchors)}" if ec.anchors else ""),
+        "allocation": f"{ec.rate_mode} mode, divisors {cfg.allocation.divisors}, loss-rate "
+                      f"{cfg.allocation.loss_rate_model}, rate-phi {cfg.allocation.rate_phi_mode}; weights from "
+                      f"task(s) {ec.tasks}; static/SABA/finetuned weights calibrated with pool {cfg.codecs.pool_mode}",
+        "fit": fit["version"], "tune": tune["version"] or "not needed by these methods",
+        "provenance": "provenance.json (configuration, git commit, packages, machine)",
+    }
+    labels = [text for text, on in (("SMOKE TEST", cfg.smoke),
+                                    ("RANDOM-INIT task model weights", weights_id == "random-init")) if on]
+    if labels:
+        run_info = {"WARNING": " with ".join(labels) + ": the numbers below only show that every stage runs; "
+                               "they mean nothing", **run_info}
+    meta = {"title": f"MFIBA evaluation: {cfg.preset}" + (" (SMOKE TEST)" if cfg.smoke else ""),
+            "code_version": code_version(),
+            "streams": f"every bpp from stream files under {out}/streams, each decoded on its own"}
+    md = report.markdown_report(pts, bd, ceil, meta) + "\n" + report.extra_sections(run_info, bits, timing, figures)
+    atomic_write_text(str(run / "report.md"), md)
     create_markdown_artifact(md, key="evaluate-report", description=f"MFIBA evaluation on {len(image_ids)} test images")
-    summary = {"report": f"{out}/report.md", "rd_points": f"{out}/rd_points.csv", "bdrate": f"{out}/bdrate.csv",
-               "plots": [str(p) for p in plots], "images": len(image_ids), "coded_images": n_entries,
-               "reused": len(done)}
+    rd_pngs = sorted(p for p in figures.values() if os.path.basename(p).startswith("rd_"))
+    if rd_pngs:  # the RD plot on the flow run's page: an inline PNG (no file server needed)
+        import base64
+
+        png = base64.b64encode((run / rd_pngs[0]).read_bytes()).decode()
+        create_markdown_artifact(f"![RD curves](data:image/png;base64,{png})", key="evaluate-rd-plot",
+                                 description=f"RD curves ({rd_pngs[0]})")
+    create_table_artifact(report.long_bdrate(bd, codec_of).query("interpolation == 'pchip'").round(3)
+                          .to_dict(orient="records"), key="evaluate-bdrate", description="BD-rate (pchip)")
+    summary = {"report": str(run / "report.md"), "rd_points": str(run / "rd_points.csv"),
+               "bdrate": str(run / "bdrate.csv"), "plots": sorted(figures.values()), "images": len(image_ids),
+               "coded_images": n_entries, "reused": len(done)}
     write_manifest(run, StageManifest(stage="evaluate", config_digest=cfg.digest("evaluate", "allocation", "codecs"),
-                                      input_hashes={"fit": fit["version"], "tune": tune["version"]},
+                                      input_hashes={"fit": fit["version"], "tune": str(tune["version"])},
                                       items_done=int(len(detections)), extra=summary))
     cols = [c for c in ("anchor", "pool_mode", "method", "task", "metric", "bd_pchip", "ci_low", "ci_high", "reason")
             if c in bd]
     logger.info("evaluate done: " + json.dumps(summary) + "\n" + bd[cols].to_string(index=False))
     return summary
+
+
+def _packages() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ["torch", "torchvision", "compressai", "prefect", "dask", "distributed", "zarr", "xarray",
+             "pycocotools", "pandas", "numpy", "bjontegaard", "imagecodecs"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except Exception:
+            out[n] = "not installed"
+    return out
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _scale_pixels(store, image_ids, scales) -> dict[int, np.ndarray]:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
@@ -350,7 +351,17 @@ def load_current_fit(cfg: Config, metric: str = "AP") -> dict:
             "rate_phi": rate_phi,
             "static_weights": t["static_weights"].get(src, {}),
         }
+    # The measured means behind the rate-phi fit, for allocation.rate_phi_mode=interpolated.
+    points = pd.read_parquet(io.BytesIO(read_bytes(f"{current['folder']}/rate_phi_points.parquet")))
+    rate_phi_points = {str(s): [g.sort_values("phi").phi.tolist(), g.sort_values("phi").rate.tolist()]
+                       for s, g in points.groupby("scale")}
     return {"version": doc["version"], "folder": current["folder"], "metric": metric, "loss_source": src,
             "split": doc["split"], "rate_unit": doc["rate_unit"], "scales": doc["scales"],
             "scale_pixels": doc["scale_pixels"], "input_pixels": doc["input_pixels"], "phis": doc["phis"],
-            "rate_phi": rate_phi, "tasks": tasks}
+            "rate_phi": rate_phi, "rate_phi_points": rate_phi_points, "tasks": tasks,
+            "figures": {title: f"{current['folder']}/{name}" for title, name in FIGURES.items()
+                        if name in doc.get("files", [])}}
+
+
+FIGURES = {"Fig. 5 importance by object size": "fig5_weights_by_size.png",
+           "Fig. 6 loss-rate fits": "fig6_loss_rate.png", "Fig. 7 rate-phi fits": "fig7_rate_phi.png"}

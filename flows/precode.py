@@ -22,7 +22,7 @@ from flows.features import _checkpoint, weights_identity
 from mfiba.config import Config
 from storage.feature_store import FeatureStore
 from storage.manifest import StageManifest, write_manifest
-from storage.results import PartTable, write_frame
+from storage.results import PartTable, identity_digest, write_frame
 from tasks.codecs.base import build_codec_from_spec
 from tasks.datasets.sources import image_refs, open_split
 from tasks.device import resolve_device
@@ -37,15 +37,25 @@ def precode_task(settings: PrecodeSettings, image_ids: list[int], quality: int, 
     return precode_items(settings, image_ids, quality)
 
 
-def precode_table_url(cfg: Config) -> str:
-    return f"{cfg.resolve_path(cfg.run_dir)}/precode/main-pool-{cfg.codecs.pool_mode}"
-
-
-def precode_identity(cfg: Config, model_weights: str, codec_sha: str, tasks: tuple[str, ...]) -> dict:
-    """What every row depends on: a change here invalidates the whole table."""
+def precode_identity(cfg: Config, model_weights: str | None = None, codec_sha: str | None = None,
+                     tasks: tuple[str, ...] | None = None) -> dict:
+    """What every row depends on (missing pieces are computed from the configuration)."""
+    if model_weights is None or tasks is None:
+        model = build_task_model(cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights)
+        model_weights = model_weights or weights_identity(model)
+        tasks = tasks or tuple(cfg.precode.tasks) or tuple(model.tasks)
+    if codec_sha is None:
+        codec_sha = build_codec_from_spec(cfg.codecs.main, "main", cfg.resolve_path).checkpoint_sha256.hex()
     return {"task_model": cfg.task_model.name, "weights": model_weights, "data_digest": cfg.data_identity(),
             "codec": cfg.codecs.main.model_dump(mode="json"), "codec_checkpoint_sha256": codec_sha,
             "pool_mode": cfg.codecs.pool_mode, "tasks": list(tasks), "oracle": cfg.precode.oracle}
+
+
+def precode_table_url(cfg: Config, identity: dict | None = None) -> str:
+    """One table per identity: another codec, task model or task list writes its own table
+    (nothing is mixed, nothing already computed is thrown away)."""
+    identity = identity or precode_identity(cfg)
+    return f"{cfg.resolve_path(cfg.run_dir)}/precode/pool-{cfg.codecs.pool_mode}-{identity_digest(identity)}"
 
 
 @flow(name="precode", flow_run_name="precode-{preset}")
@@ -72,7 +82,7 @@ def precode_flow(config: dict, preset: str = "demo", overwrite: bool = False) ->
     for phi in phis:
         codec.check_phi("all", phi)  # before any work: a preset's rate points must fit the codec
     identity = precode_identity(cfg, weights, codec.checkpoint_sha256.hex(), tasks)
-    table_url = precode_table_url(cfg)
+    table_url = precode_table_url(cfg, identity)
     table = PartTable(table_url, identity, overwrite=overwrite)
 
     refs = image_refs(cfg, list(cfg.precode.splits))

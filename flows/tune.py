@@ -81,7 +81,8 @@ def tune_flow(config: dict, preset: str = "demo") -> dict:
         raise RuntimeError(f"tune needs at least 4 precoded calibration images, found {len(image_ids)}: "
                            "run `mfiba precode` first")
     scales = coded_scales(cfg.codecs.pool_mode)
-    models = rate_models_from_fit(fit, tc.task, scales, cfg.allocation.loss_rate_model, cfg.allocation.divisors)
+    models = rate_models_from_fit(fit, tc.task, scales, cfg.allocation.loss_rate_model, cfg.allocation.divisors,
+                                        cfg.allocation.rate_phi_mode)
     version = _version([fit["version"], cfg.digest("tune", "allocation"), json.dumps(image_ids),
                         read_bytes(f"{table_url}/identity.json").decode()])
     out = f"{cfg.resolve_path(cfg.run_dir)}/tune/{version}"

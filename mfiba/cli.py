@@ -21,6 +21,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="override `device`")
     p.add_argument("--scheduler-address", help="external Dask scheduler (else a LocalCluster)")
     p.add_argument("--workers", type=int, help="LocalCluster worker processes (dask.n_workers)")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="torchvision models without COCO weights: random init, for smoke tests only")
+    p.add_argument("--smoke", action="store_true",
+                   help="smoke test on the COCO val2017 sample beside the project: 2 calibration + 2 test images, "
+                        "m = 2, two rate points, uniform and MFIBA, AVIF; labelled in every report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", choices=["train", "calib", "test"], help="features.splits")
     p.add_argument("--images", nargs="+", type=int, metavar="ID",
                    help="explicit image ids (applied to every selected split)")
-    p.add_argument("--allow-random-weights", action="store_true",
-                   help="torchvision models without COCO weights: random init, for smoke tests only")
     p.add_argument("--overwrite", action="store_true", help="rebuild a store made with other weights or data")
 
     p = sub.add_parser("train-task-model", help="train (or resume) the demo multi-task model, then evaluate it")
@@ -70,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("tune", help="calibration-split searches: finetuned MFIBA, SABA, lambda' grid")
+    _common(p)
+
+    p = sub.add_parser("run", help="the whole method: features, precode, fit, tune (when needed), evaluate, report")
     _common(p)
 
     p = sub.add_parser("evaluate", help="online evaluation on test images: allocation, real bitstreams, COCO mAP, "
@@ -107,7 +113,7 @@ def _overrides(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.preset, _overrides(args))
+        cfg = load_config(args.preset, _overrides(args), smoke=args.smoke)
         if args.command in ("features", "precode") and args.images:
             splits = cfg.features.splits if args.command == "features" else cfg.precode.splits
             if len(splits) != 1:
@@ -142,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
             refs = image_refs(cfg, ["train", "calib", "test"])
             print(json.dumps({k: len(v) for k, v in refs.items()}))
             return 0
+        if args.command in ("run", "features", "precode", "evaluate"):
+            # Fail at once, before any server or cluster starts, when the task model's weights
+            # are missing (the message names the file and where to put it).
+            from tasks.models.registry import build_task_model
+
+            ckpt = cfg.task_model.checkpoint
+            build_task_model(cfg.task_model.name, str(cfg.resolve_path(ckpt)) if ckpt else None,
+                             cfg.task_model.allow_random_weights)
         with LocalPrefectServer() as server:
             print(f"Prefect UI for this run: {server.ui_url}", file=sys.stderr)
             if args.command == "features":
@@ -172,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                 from flows.tune import run_tune
 
                 print(json.dumps(run_tune(cfg), indent=2, default=str))
+            elif args.command == "run":
+                from flows.pipeline import run_pipeline
+
+                result = run_pipeline(cfg)
+                print(json.dumps(result["evaluate"], indent=2, default=str))
             elif args.command == "evaluate":
                 from flows.evaluate import run_evaluate
 

@@ -176,6 +176,9 @@ class AllocationConfig(_Strict):
     divisors: Literal["paper", "authors"] = "paper"
     # The Cauchy loss-rate model: one pooled (alpha, beta) for all scales (Eq. 3) or one per scale.
     loss_rate_model: Literal["pooled", "per-scale"] = "pooled"
+    # phi <-> rate: the paper's line R = a phi + b, or piecewise-linear through the measured
+    # calibration means (for codecs whose rate is far from linear in phi, e.g. AVIF quality).
+    rate_phi_mode: Literal["linear", "interpolated"] = "linear"
 
 
 class TuneConfig(_Strict):
@@ -187,7 +190,7 @@ class TuneConfig(_Strict):
     images: int = Field(16, ge=4)
     # Rate points (indices into codecs.main.phis) of the uniform anchor; the lambda' grid of
     # the allocating methods matches their mean bits. BD-rate needs at least 4.
-    rate_points: list[int] = Field(default_factory=lambda: [1, 3, 5, 7], min_length=4)
+    rate_points: list[int] = Field(default_factory=lambda: [1, 3, 5, 7], min_length=2)
     step: float = Field(0.01, gt=0, le=0.2)
     max_evaluations: int = Field(16, ge=1)
     saba_images: int = Field(8, ge=1)
@@ -205,6 +208,9 @@ class EvaluateConfig(_Strict):
     methods: list[Literal[METHODS]] = Field(default_factory=lambda: list(METHODS))
     # Tasks whose weights drive an allocation (each allocating method runs once per task).
     tasks: list[Literal[TASKS]] = Field(default_factory=lambda: ["bbox"])
+    # Tasks scored with COCOeval on the decoded features (empty: every task of the model);
+    # the heads run only the branches these need.
+    score_tasks: list[Literal[TASKS]] = Field(default_factory=list)
     # Labels of codecs.others coded with one setting for every scale, as extra anchors
     # (the natural-image codec, classical codecs); their phis at the same indices as tune.rate_points.
     anchors: list[str] = Field(default_factory=list)
@@ -230,6 +236,8 @@ class DaskConfig(_Strict):
 class Config(_Strict):
     preset: str = "demo"
     description: str = ""
+    # A smoke test (`mfiba run --smoke`): tiny, labelled in every report, numbers meaningless.
+    smoke: bool = False
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     run_dir: str = "runs/demo"
     seed: int = 0
@@ -305,14 +313,66 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
-def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | None = None) -> Config:
+COCO_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "coco2017-val-sample"
+
+
+def smoke_overrides(sample: Path = COCO_SAMPLE) -> dict[str, Any]:
+    """`mfiba run --smoke`: every stage end to end at full resolution on the COCO val2017
+    sample beside the project: 2 calibration + 2 test images (disjoint), m = 2 qualities,
+    two rate points, uniform and MFIBA, AVIF as the light codec (no weights needed)."""
+    instances = sample / "annotations" / "instances.json"
+    if not instances.exists():
+        raise ConfigError(f"--smoke needs the COCO sample at {sample} (annotations/instances.json not found)")
+    ids = sorted(int(im["id"]) for im in json.loads(instances.read_text())["images"])[:4]
+    paths = {"coco_images": str(sample / "images"), "coco_instances": str(instances),
+             "coco_keypoints": str(sample / "annotations" / "person_keypoints.json")}
+    run_dir = "runs/smoke"
+    return {
+        "smoke": True, "run_dir": run_dir,
+        **{f"data.{k}": {"calib": v, "test": v} for k, v in paths.items()},
+        "data.image_ids": {"calib": ids[:2], "test": ids[2:4]},
+        "data.train_count": 0, "data.calib_count": 2, "data.test_count": 2,
+        "features.store": f"{run_dir}/features.zarr", "features.splits": ["calib", "test"],
+        "features.batch_size": 1, "features.max_in_flight": 1,
+        "codecs.main": {"name": "avif", "trained_on": "none", "phis": [20, 60]}, "codecs.others": {},
+        "precode.tasks": ["bbox"], "precode.batch_size": 1,
+        "tune.rate_points": [0, 1], "tune.images": 4,
+        "evaluate.images": 2, "evaluate.methods": ["uniform", "mfiba"], "evaluate.tasks": ["bbox"],
+        "evaluate.score_tasks": ["bbox"], "evaluate.anchors": [], "evaluate.natural_image_anchor": None,
+        "evaluate.pool_modes": ["coded"], "evaluate.bootstrap": 0,
+        "dask.n_workers": 1, "dask.threads_per_worker": 2,
+    }
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_preset(path: Path, seen: tuple = ()) -> dict:
+    """A preset's YAML; `extends: <preset>` starts from another preset and overrides it."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = PRESET_DIR / f"{parent}.yaml"
+    if not parent_path.exists() or parent in seen:
+        raise ConfigError(f"{path}: extends {parent!r}, which is {'a cycle' if parent in seen else 'not a preset'}; "
+                          f"available: {list_presets()}")
+    return _merge(_read_preset(parent_path, seen + (path.stem,)), raw)
+
+
+def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | None = None,
+                smoke: bool = False) -> Config:
     """Load a preset by name (or a YAML path) and apply overrides (dict or 'a.b=value' strings)."""
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown preset {preset!r}; available: {list_presets()}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read_preset(path)
     if isinstance(overrides, list):
         parsed = {}
         for item in overrides:
@@ -321,6 +381,9 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
             k, v = item.split("=", 1)
             parsed[k.strip()] = yaml.safe_load(v)
         overrides = parsed
+    if smoke:
+        # The smoke settings first, so explicit overrides still win.
+        overrides = {**smoke_overrides(), **(overrides or {})}
     for k, v in (overrides or {}).items():
         _set_dotted(raw, k, v)
     try:

@@ -29,6 +29,12 @@ class StaleTableError(RuntimeError):
     pass
 
 
+def identity_digest(identity: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 class PartTable:
     def __init__(self, url: str, identity: dict, overwrite: bool = False):
         self.url = str(url).rstrip("/")
@@ -44,6 +50,12 @@ class PartTable:
             self.clear()
         if existing != self.identity:
             atomic_write_text(f"{self.url}/identity.json", json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def for_identity(cls, base_url: str, identity: dict) -> "PartTable":
+        """The table of this identity under `<base_url>-<digest>`: other settings get their own
+        table beside it, so nothing is mixed and nothing already computed is thrown away."""
+        return cls(f"{str(base_url).rstrip('/')}-{identity_digest(identity)}", identity)
 
     @staticmethod
     def read_identity(url: str) -> dict | None:

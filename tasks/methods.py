@@ -42,6 +42,12 @@ class RateModels:
     weight_correction: dict[str, float] = field(default_factory=dict)  # finetuned MFIBA
     saba_weights: dict[str, float] = field(default_factory=dict)
     divisors: str = "paper"  # "paper" (4^i) or "authors" (1, 4, 16, 60, 60)
+    # The measured calibration means per scale, (phis, rates), increasing: with
+    # rate_phi_mode "interpolated" phi <-> R goes through them piecewise linearly (exact at
+    # the precoded points; a codec whose rate is convex in phi, like AVIF's quality, is
+    # poorly served by one line), "linear" is the paper's R = a phi + b.
+    rate_phi_points: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
+    rate_phi_mode: str = "linear"
 
     def loss_rate(self) -> LossRateModel:
         return LossRateModel(tuple(self.alpha), tuple(self.beta))
@@ -50,6 +56,29 @@ class RateModels:
         table = PAPER_DIVISORS if self.divisors == "paper" else AUTHORS_DIVISORS
         index = {"0": 0, "1": 1, "2": 2, "3": 3, "pool": 4}
         return tuple(table[index[s]] for s in self.scales)
+
+    def _points(self, scale: str):
+        phis, rates = self.rate_phi_points[scale]
+        # Rates must rise with phi for the inverse; a dip in the means is flattened.
+        return np.asarray(phis, float), np.maximum.accumulate(np.asarray(rates, float))
+
+    def rate_of(self, scale: str, phi: float) -> float:
+        if self.rate_phi_mode == "interpolated":
+            phis, rates = self._points(scale)
+            return float(np.interp(phi, phis, rates))
+        a, b = self.rate_phi[scale]
+        return a * phi + b
+
+    def phi_of(self, scale: str, rate: float, phi_range, levels=None) -> float:
+        if self.rate_phi_mode == "interpolated":
+            phis, rates = self._points(scale)
+            phi = float(np.clip(np.interp(rate, rates, phis), *phi_range))
+            if levels:
+                lv = np.asarray(levels, float)
+                phi = float(lv[np.argmin(np.abs(lv - phi))])
+            return phi
+        a, b = self.rate_phi[scale]
+        return rate_to_phi(rate, a, b, phi_range, levels)
 
 
 def _vector(mapping: dict[str, float], scales, what: str) -> np.ndarray:
@@ -86,14 +115,18 @@ def allocate_phis(weights, models: RateModels, scale_pixels, lambda_prime: float
     """Closed-form rates for one image at lambda', mapped to phi per scale. Returns
     (phi per scale, predicted rates in bits per scale pixel)."""
     low, high = phi_range
-    a = np.array([models.rate_phi[s][0] for s in models.scales])
-    b = np.array([models.rate_phi[s][1] for s in models.scales])
+    lo = np.array([models.rate_of(s, low) for s in models.scales])
+    hi = np.array([models.rate_of(s, high) for s in models.scales])
     # The codec's reachable rates bound the closed form (a zero weight gets the lowest rate).
-    r_lo, r_hi = np.minimum(a * low + b, a * high + b), np.maximum(a * low + b, a * high + b)
-    r_lo = np.maximum(r_lo, 1e-6)
+    r_lo, r_hi = np.maximum(np.minimum(lo, hi), 1e-6), np.maximum(np.maximum(lo, hi), 2e-6)
     alloc = allocate(weights, models.loss_rate(), scale_pixels, lambda_prime, models.divisor_values(),
                      r_min=r_lo, r_max=r_hi)
-    phis = {s: rate_to_phi(float(r), a[i], b[i], (low, high), levels) for i, (s, r) in enumerate(zip(models.scales, alloc.rates))}
+    phis = {s: models.phi_of(s, float(r), phi_range, levels) for s, r in zip(models.scales, alloc.rates)}
+    # Where the lowest rate is clamped, the codec's lowest setting is meant (not where a line
+    # fitted to higher rates happens to cross zero).
+    for i, s in enumerate(models.scales):
+        if alloc.rates[i] <= r_lo[i]:
+            phis[s] = float(low if not levels else min(levels))
     return phis, alloc.rates
 
 
@@ -102,8 +135,7 @@ def uniform_phis(scales, phi: float) -> dict[str, float]:
 
 
 def predicted_bits(models: RateModels, phis: dict[str, float], scale_pixels) -> float:
-    return float(sum((models.rate_phi[s][0] * phis[s] + models.rate_phi[s][1]) * px
-                     for s, px in zip(models.scales, scale_pixels)))
+    return float(sum(max(models.rate_of(s, phis[s]), 0.0) * px for s, px in zip(models.scales, scale_pixels)))
 
 
 def lambda_grid(weights_per_image: list[np.ndarray], models: RateModels, pixels_per_image: list[np.ndarray],
@@ -131,7 +163,7 @@ def lambda_grid(weights_per_image: list[np.ndarray], models: RateModels, pixels_
 
 
 def rate_models_from_fit(fit: dict, task: str, scales, loss_rate_model: str = "pooled",
-                         divisors: str = "paper") -> RateModels:
+                         divisors: str = "paper", rate_phi_mode: str = "linear") -> RateModels:
     """The models of one task from `mfiba fit`'s output (flows.fit.load_current_fit); a fit
     flagged unusable (degenerate data) is refused with its name."""
     if task not in fit["tasks"]:
@@ -152,4 +184,6 @@ def rate_models_from_fit(fit: dict, task: str, scales, loss_rate_model: str = "p
         beta = tuple(per_task["per_scale"][s]["beta"] for s in scales)
     return RateModels(tuple(scales), alpha, beta,
                       {s: (per_task["rate_phi"][s]["a"], per_task["rate_phi"][s]["b"]) for s in scales},
-                      static_weights=dict(per_task["static_weights"]), divisors=divisors)
+                      static_weights=dict(per_task["static_weights"]), divisors=divisors,
+                      rate_phi_points={s: tuple(map(tuple, fit["rate_phi_points"][s])) for s in scales}
+                      if "rate_phi_points" in fit else {}, rate_phi_mode=rate_phi_mode)

@@ -143,6 +143,42 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     return res
 
 
+def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
+                          phi: float, ref: Reference, iou_types=("bbox",), pool_modes=("coded", "derived"),
+                          oracle: Oracle | None = None) -> dict[str, PrecodeResult]:
+    """`precode_quality` for several 'pool' modes at once: the codec runs once per scale and
+    a pass shared by the modes (scales '0', '1', '2') runs once; derived mode adds only its
+    own '3' pass (with 'pool' rebuilt from the decoded '3')."""
+    t0 = time.perf_counter()
+    needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
+    decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in needed}
+    t1 = time.perf_counter()
+    keys, variants = [], []
+    for mode in pool_modes:
+        for s in coded_scales(mode):
+            # The two modes differ only when '3' is replaced ('pool' follows it in derived mode).
+            key = (mode if s == "3" else "any", s)
+            if key not in keys:
+                keys.append(key)
+                variants.append(_replace(feats, s, decoded[s][0], mode))
+    stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
+    batch_meta = SplitMeta(meta.image_sizes * len(variants), meta.original_sizes * len(variants), meta.batch_shape)
+    dets = dict(zip(keys, model.heads(stacked, batch_meta, tasks=iou_types)))
+    t2 = time.perf_counter()
+    out = {}
+    for mode in pool_modes:
+        res = PrecodeResult(reference_empty=ref.empty)
+        for s in coded_scales(mode):
+            row = _row(image_id, s, q, phi, ref, dets[(mode if s == "3" else "any", s)], model, iou_types, oracle)
+            row["bits"], row["estimated_bits"] = None, decoded[s][1]
+            res.rows.append(row)
+        out[mode] = res
+    share = 1.0 / len(pool_modes)
+    for res in out.values():  # time split evenly between the modes it served
+        res.seconds_codec, res.seconds_heads = share * (t1 - t0), share * (t2 - t1)
+    return out
+
+
 def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, phis,
                     categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
     """No entropy coder; the passes of one quality run as one batch through the heads."""

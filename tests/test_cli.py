@@ -12,7 +12,8 @@ def _run(*args):
 
 def test_help_lists_the_stages():
     out = _run("--help").stdout
-    for stage in ("features", "train-task-model", "train-codec", "codec-report", "config", "data"):
+    for stage in ("features", "train-task-model", "train-codec", "codec-report", "config", "data", "precode", "fit",
+                  "tune", "evaluate", "run"):
         assert stage in out
 
 

@@ -40,8 +40,8 @@ def _features(tmp_path, env, calib):
     _run(["features", *_args(tmp_path, "x", calib)[1:], "--splits", "calib"], env)
 
 
-def _table(tmp_path) -> pd.DataFrame:
-    return PartTable.load(tmp_path / "run" / "precode" / "main-pool-coded").drop(columns=TIMING)
+def _table(summary: dict) -> pd.DataFrame:
+    return PartTable.load(str(Path(summary["table"]).parent)).drop(columns=TIMING)
 
 
 def test_precode_writes_tidy_table_and_reruns_nothing(tmp_path, cli_env):
@@ -50,7 +50,7 @@ def test_precode_writes_tidy_table_and_reruns_nothing(tmp_path, cli_env):
     _features(work, cli_env, 2)
     summary, _ = _run(_args(work, "precode"), cli_env)
     assert summary["items"] == 4 and summary["computed"] == 4 and summary["reused"] == 0
-    table = _table(work)
+    table = _table(summary)
     assert len(table) == 2 * 2 * 5  # images x qualities x scales
     for col in ["image_id", "scale", "quality", "phi", "bits", "estimated_bits", "scale_pixels", "input_pixels",
                 "loss_bbox", "loss75_bbox", "oracle_bbox", "loss_segm", "loss_keypoints", "reference_empty"]:
@@ -60,20 +60,19 @@ def test_precode_writes_tidy_table_and_reruns_nothing(tmp_path, cli_env):
     # Lower quality costs fewer bits per scale.
     per_q = table.groupby("quality").bits.sum()
     assert per_q.iloc[0] < per_q.iloc[-1]
-    weights = pd.read_parquet(work / "run" / "precode" / "main-pool-coded" / "weights.parquet")
+    weights = pd.read_parquet(summary["weights"])
     sums = weights.groupby(["image_id", "task", "source"]).weight.sum()
     np.testing.assert_allclose(sums.to_numpy(), 1.0, atol=1e-9)
 
     again, log = _run(_args(work, "precode"), cli_env)
     assert again["computed"] == 0 and again["reused"] == 4
     assert "4 already in" in log and "0 to compute" in log
-    pd.testing.assert_frame_equal(table, _table(work))
+    pd.testing.assert_frame_equal(table, _table(again))
 
-    # Another codec setting (pool derived instead of coded) goes to its own table; a
-    # different phi list on the same table is refused, naming what changed.
-    p = subprocess.run([MFIBA, *_args(work, "precode", qualities=3)], env=cli_env, capture_output=True,
-                       text=True, cwd=REPO)
-    assert p.returncode == 2 and "computed with different ['codec']" in p.stderr and "--overwrite" in p.stderr
+    # Other codec settings go to their own table: nothing is mixed, nothing is thrown away.
+    other, _ = _run(_args(work, "precode", qualities=3), cli_env)
+    assert other["table"] != summary["table"] and other["items"] == 6 and other["computed"] == 6
+    pd.testing.assert_frame_equal(table, _table(summary))
 
 
 @pytest.mark.slow
@@ -88,9 +87,8 @@ def test_precode_survives_a_killed_worker_with_identical_tables(tmp_path, cli_en
 
     proc = subprocess.Popen([MFIBA, *_args(killed, "precode", calib=4, qualities=4)], env=cli_env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    parts = killed / "run" / "precode" / "main-pool-coded" / "parts"
     deadline = time.time() + 600
-    while time.time() < deadline and len(list(parts.glob("*.parquet")) if parts.exists() else []) < 3:
+    while time.time() < deadline and len(list((killed / "run").glob("precode/*/parts/*.parquet"))) < 3:
         time.sleep(0.2)
     workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
                if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
@@ -100,4 +98,4 @@ def test_precode_survives_a_killed_worker_with_identical_tables(tmp_path, cli_en
     # Whatever the interrupted run managed, a rerun completes the table.
     summary, _ = _run(_args(killed, "precode", calib=4, qualities=4), cli_env)
     assert summary["items"] == reference["items"] == 16
-    pd.testing.assert_frame_equal(_table(clean), _table(killed))
+    pd.testing.assert_frame_equal(_table(reference), _table(summary))

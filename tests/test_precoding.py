@@ -36,3 +36,20 @@ def test_batched_equals_reference_loop(pool_mode):
     np.testing.assert_allclose(mfip_weights(la).weights, mfip_weights(lb).weights, atol=1e-6)
     # Real bits from the loop, estimated bits from the batched path, both recorded.
     assert all(r["bits"] > 0 for r in a.rows) and all(r["estimated_bits"] > 0 for r in b.rows)
+
+
+def test_shared_passes_for_both_pool_modes_equal_separate_precoding():
+    from tasks.precoding import lossless_pass, precode_quality, precode_quality_modes
+
+    codec = build_codec_from_spec(CFG.codecs.others["vbr"], "vbr", CFG.resolve_path)
+    model = build_task_model("demo-multitask", str(CFG.resolve_path(CFG.task_model.checkpoint)))
+    data, rec, _ = render(SyntheticSpec(), "test", 1)
+    feats, meta = model.features([image_to_tensor(Image.open(io.BytesIO(data)))])
+    ref, _ = lossless_pass(model, rec["id"], feats, meta, categories_json(), ("bbox",))
+    phi = CFG.codecs.others["vbr"].phis[1]
+    both = precode_quality_modes(model, codec, rec["id"], feats, meta, 1, phi, ref, ("bbox",))
+    for mode in ("coded", "derived"):
+        alone = precode_quality(model, codec, rec["id"], feats, meta, 1, phi, ref, ("bbox",), mode)
+        assert [r["scale"] for r in both[mode].rows] == [r["scale"] for r in alone.rows]
+        np.testing.assert_allclose([r["loss_bbox"] for r in both[mode].rows],
+                                   [r["loss_bbox"] for r in alone.rows], atol=1e-9)

@@ -78,7 +78,11 @@ def image_refs(cfg: Config, splits: list[str], progress=None) -> dict[str, list[
     out: dict[str, list[ImageRef]] = {}
     chosen: dict[str, set[int]] = {}
     for split in ("train", "calib", "test"):
-        if split not in splits and not (split == "train" and "calib" in splits and cfg.data.source == "coco"):
+        # Calibration images drawn from train2017 must avoid the feature-dataset images, so the
+        # train split is opened for calib even when not selected (when one is configured).
+        needed_for_calib = (split == "train" and "calib" in splits and cfg.data.source == "coco"
+                            and "train" in cfg.data.coco_images and not cfg.data.image_ids.get("calib"))
+        if split not in splits and not needed_for_calib:
             continue
         ds = open_split(cfg, split, progress)
         exclude = chosen.get("train", set()) if split == "calib" else set()

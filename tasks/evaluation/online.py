@@ -28,13 +28,15 @@ class EvalSettings:
     allow_random_weights: bool
     codec_specs: str  # JSON {codec label: CodecSpec dict}
     annotations: tuple[str, str, str | None]  # the test split: (image dir, instances, keypoints)
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...]  # whose losses give importance weights
+    score_tasks: tuple[str, ...]  # the head branches run on decoded features
     phis: tuple[float, ...]  # the main codec's precoding qualities
     streams_url: str
     weights_url: str
     weights_identity: str
     detections_url: str
     detections_identity: str
+    oracle: bool = True  # also the ground-truth weights (only the oracle method uses them)
     importance_mode: str = "sum"
     importance_floor: float = 0.01
     device: str = "cpu"
@@ -46,6 +48,7 @@ class ItemResult:
     done: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    seconds_per_item: dict[str, float] = field(default_factory=dict)  # encode time per stream
 
 
 def _parts(settings: EvalSettings):
@@ -71,8 +74,8 @@ def _codec(settings: EvalSettings, label: str):
     return _cached_codec(json.dumps(specs[label], sort_keys=True), settings.device)
 
 
-def weights_key(image_id: int, pool_mode: str) -> str:
-    return f"image={int(image_id)}-pool={pool_mode}"
+def weights_key(image_id: int, pool_modes: tuple[str, ...]) -> str:
+    return f"image={int(image_id)}-pool={'+'.join(pool_modes)}"
 
 
 def _plan_digest(entry: dict) -> str:
@@ -95,17 +98,18 @@ def stream_path(settings: EvalSettings, image_id: int, entry: dict) -> str:
     return f"{settings.streams_url}/{item_key(image_id, entry)}.mfbs"
 
 
-def online_weights(settings: EvalSettings, image_id: int, pool_mode: str) -> ItemResult:
-    """MFIP (and oracle) weights of one test image; one table part per (image, pool mode)."""
+def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str, ...]) -> ItemResult:
+    """MFIP (and oracle) weights of one test image for every 'pool' mode, from one precoding
+    (passes shared between the modes); one table part per image."""
     import pandas as pd
 
     from storage.results import PartTable
     from tasks.importance import mfip_table
-    from tasks.precoding import lossless_pass, one_image_gt, precode_quality
+    from tasks.precoding import lossless_pass, one_image_gt, precode_quality_modes
     from tasks.rd import load_stored_image
 
     table = PartTable(settings.weights_url, json.loads(settings.weights_identity))
-    key = weights_key(image_id, pool_mode)
+    key = weights_key(image_id, pool_modes)
     if key in table.keys():
         return ItemResult(reused=[key])
     t0 = time.perf_counter()
@@ -113,17 +117,20 @@ def online_weights(settings: EvalSettings, image_id: int, pool_mode: str) -> Ite
     codec = _codec(settings, "main")
     image = load_stored_image(store, image_id, device)
     ref, oracle = lossless_pass(model, image_id, image.feats, image.meta, dataset.categories, settings.tasks,
-                                one_image_gt(dataset, image_id))
-    rows = []
+                                one_image_gt(dataset, image_id) if settings.oracle else None)
+    rows = {m: [] for m in pool_modes}
     for q, phi in enumerate(settings.phis):
-        rows += precode_quality(model, codec, image_id, image.feats, image.meta, q, phi, ref, settings.tasks,
-                                pool_mode, oracle=oracle).rows
-    frame = pd.DataFrame(rows).assign(split="test")
-    weights = mfip_table(frame, settings.tasks, settings.importance_mode, settings.importance_floor)
-    weights["pool_mode"] = pool_mode
-    weights["reference_empty"] = ref.empty
-    weights["seconds_precode"] = time.perf_counter() - t0
-    table.write(key, weights)
+        for mode, res in precode_quality_modes(model, codec, image_id, image.feats, image.meta, q, phi, ref,
+                                               settings.tasks, pool_modes, oracle).items():
+            rows[mode] += res.rows
+    frames = []
+    for mode in pool_modes:
+        weights = mfip_table(pd.DataFrame(rows[mode]).assign(split="test"), settings.tasks,
+                             settings.importance_mode, settings.importance_floor)
+        frames.append(weights.assign(pool_mode=mode, reference_empty=ref.empty))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["seconds_precode"] = time.perf_counter() - t0  # for all the modes together
+    table.write(key, frame)
     return ItemResult(done=[key], seconds=time.perf_counter() - t0)
 
 
@@ -153,7 +160,10 @@ def encode_items(settings: EvalSettings, image_id: int, entries: list[dict]) -> 
         codec = _codec(settings, e["codec"])
         derived = ("pool",) if e["pool_mode"] == "derived" else ()
         phis = {s: e["phis"].get(s, 0.0) for s in feats}
-        write_stream(path, codec.compress(feats, phis, derived=derived))
+        t1 = time.perf_counter()
+        data = codec.compress(feats, phis, derived=derived)
+        out.seconds_per_item[key] = time.perf_counter() - t1
+        write_stream(path, data)
         out.done.append(key)
     out.seconds = time.perf_counter() - t0
     return out
@@ -187,7 +197,8 @@ def decode_items(settings: EvalSettings, image_id: int, entries: list[dict]) -> 
         t1 = time.perf_counter()
         decoded = codec.decompress(data)
         t2 = time.perf_counter()
-        det = model.heads(type(decoded)((s, x[None].to(device)) for s, x in decoded.items()), meta)[0]
+        det = model.heads(type(decoded)((s, x[None].to(device)) for s, x in decoded.items()), meta,
+                          tasks=settings.score_tasks)[0]
         results = detections_to_coco(image_id, det, model.keypoint_category_ids)
         sizes = part_sizes(data)
         mosaic_pixels = sum(PackInfo.from_dict(p.packing).padded_height * PackInfo.from_dict(p.packing).padded_width
@@ -215,5 +226,6 @@ def lossless_detections(settings: EvalSettings, image_ids: list[int]) -> list[di
     results = []
     for i in image_ids:
         image = load_stored_image(store, i, device)
-        results += detections_to_coco(i, model.heads(image.feats, image.meta)[0], model.keypoint_category_ids)
+        det = model.heads(image.feats, image.meta, tasks=settings.score_tasks)[0]
+        results += detections_to_coco(i, det, model.keypoint_category_ids)
     return results

@@ -694,3 +694,88 @@ def markdown_report(points: pd.DataFrame, bd: pd.DataFrame, ceiling: dict | None
                   _md_table(incomplete[["pool_mode", "method", "point", "n_images", "missing_images",
                                         "missing_image_ids"]]), ""]
     return "\n".join(lines)
+
+
+# -- the main job's report: long BD table, where the bits go, timing, figures ---------------
+
+
+def long_bdrate(bd: pd.DataFrame, codec_of: dict[str, str]) -> pd.DataFrame:
+    """`bd_table` in the long layout of `bdrate.csv`: task, metric, codec, method, pool, anchor,
+    interpolation, bd_rate_percent (pchip rows carry the bootstrap interval beside it)."""
+    rows = []
+    for r in bd.itertuples(index=False):
+        for interp in ("pchip", "akima", "cubic"):
+            rows.append({"task": r.task, "metric": r.metric, "codec": codec_of.get(r.method, ""),
+                         "method": r.method, "pool": r.pool_mode, "anchor": r.anchor, "interpolation": interp,
+                         "bd_rate_percent": getattr(r, f"bd_{interp}"),
+                         "ci_low": r.ci_low if interp == "pchip" else float("nan"),
+                         "ci_high": r.ci_high if interp == "pchip" else float("nan"),
+                         "non_monotonic": r.non_monotonic, "note": r.reason})
+    return pd.DataFrame(rows)
+
+
+def bits_per_scale(detections: pd.DataFrame) -> pd.DataFrame:
+    """Where the bits go: mean bits per image of every stream part, per method and rate point."""
+    import json as _json
+
+    rows = []
+    for (pool, method, point), g in detections.groupby(["pool_mode", "method", "point"], sort=True):
+        parts = pd.DataFrame([_json.loads(x) for x in g["bits_per_scale"]]).fillna(0)
+        row = {"pool": pool, "method": method, "point": int(point), "images": len(g),
+               "bits_total": float(g["bits"].mean())}
+        row.update({f"bits_{k}": float(v) for k, v in parts.mean().items()})
+        row.update({f"share_{k}": float(v) / row["bits_total"] for k, v in parts.mean().items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def timing_table(stage_seconds: dict[str, list[float]]) -> pd.DataFrame:
+    """Per stage, seconds per image (or per coded image), like the paper's Table 6."""
+    rows = []
+    for stage, values in stage_seconds.items():
+        v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
+        rows.append({"stage": stage, "count": int(v.size),
+                     "median_s": float(np.median(v)) if v.size else float("nan"),
+                     "mean_s": float(v.mean()) if v.size else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def sensitivity_plot(sensitivity_csv: str, out_dir, iou_type: str = "bbox") -> str | None:
+    """Fig. 1: AP drop per scale and object size when one scale is perturbed (the task model's
+    sensitivity table, at its strongest perturbation)."""
+    import os
+
+    if not os.path.exists(sensitivity_csv):
+        return None
+    table = pd.read_csv(sensitivity_csv)
+    table = table[(table.iou_type == iou_type) & (table.step_std == table.step_std.max())]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    areas = [a for a in ("small", "medium", "large") if a in set(table.area)]
+    scales = list(dict.fromkeys(table.scale.astype(str)))
+    width = 0.8 / max(1, len(areas))
+    for k, area in enumerate(areas):
+        g = table[table.area == area].set_index(table.scale.astype(str)[table.area == area])
+        x = np.arange(len(scales)) + k * width
+        ax.bar(x, [100 * g.ap_drop.get(sc, np.nan) for sc in scales], width, label=area)
+    ax.set_xticks(np.arange(len(scales)) + width * (len(areas) - 1) / 2, scales)
+    ax.set_xlabel("perturbed scale")
+    ax.set_ylabel(f"{iou_type} AP drop (points)")
+    ax.set_title(f"Sensitivity per scale and object size (Fig. 1), noise {table.step_std.max():g} std")
+    ax.legend(fontsize=8)
+    return _save(fig, os.path.join(str(out_dir), "fig1_sensitivity.png"))
+
+
+def extra_sections(run: dict, bits: pd.DataFrame, timing: pd.DataFrame, figures: dict[str, str]) -> str:
+    """What was run on what, where the bits go, timing per stage, the other figures, caveats."""
+    lines = ["## What was run", ""]
+    lines += [f"- {k}: {v}" for k, v in run.items()]
+    lines += ["", "## Where the bits go (mean bits per image per stream part)", "",
+              _md_table(bits[[c for c in bits.columns if not c.startswith("share_")]], 1), "",
+              "## Time per stage and image (median, this run's machine; like the paper's Table 6)", "",
+              _md_table(timing, 4), ""]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{name}]({path})" for name, path in figures.items()]
+        lines += [""]
+    return "\n".join(lines)
