@@ -19,15 +19,10 @@ install: $(STAMP)
 # local Prefect server, LocalCluster, local zarr store. Every stage is cached: a rerun
 # recomputes nothing, and an interrupted run resumes where it stopped.
 demo: $(STAMP)
-	$(BIN)/mfiba features --preset demo
-	$(BIN)/mfiba codec-report --preset demo
-	$(BIN)/mfiba precode --preset demo
-	$(BIN)/mfiba fit --preset demo
-	$(BIN)/mfiba tune --preset demo
-	$(BIN)/mfiba evaluate --preset demo
+	$(BIN)/mfiba run --preset demo
 	@echo ""
-	@echo "Report: runs/demo/evaluate/report.md (RD points, BD-rates with 95% intervals, plots in runs/demo/evaluate/plots/)"
-	@echo "Fit report: runs/demo/fit/<version>/report.md   tuning: runs/demo/tune/<version>/   codecs: runs/demo/codec-report/"
+	@echo "Report: runs/demo/report.md (with bdrate.csv, rd_points.csv, bits_per_scale.csv, timing.csv, provenance.json, plots/)"
+	@echo "Fit report: runs/demo/fit/<version>/report.md. Every method: mfiba run --preset demo-full. Codecs: mfiba codec-report"
 	@echo "Prefect UI: run 'PREFECT_HOME=.state/prefect $(BIN)/prefect server start --host 127.0.0.1' and open http://127.0.0.1:4200"
 
 test: $(STAMP)
