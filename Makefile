@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-slow bench clean-state
+.PHONY: install demo test test-slow bench serve clean-state
 
 # pip, not uv: only pip sees the torch wheels already on these machines (see README).
 $(STAMP): pyproject.toml
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
+
+# The local Prefect server (127.0.0.1), the mfiba-local work pool with one worker, every
+# deployment registered; Ctrl-C stops all of it. Then: .venv/bin/mfiba trigger pipeline/demo
+serve: $(STAMP)
+	$(BIN)/mfiba serve
 
 # Measured figures (not tests): runs/bench/bench.json and bench.md. Needs the demo feature store.
 bench: $(STAMP)

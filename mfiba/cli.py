@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole method: features, precode, fit, tune (when needed), evaluate, report")
     _common(p)
 
+    p = sub.add_parser("status", help="per stage: done, partial, stale or missing for this configuration")
+    _common(p)
+
+    p = sub.add_parser("serve", help="local Prefect server, the mfiba-local work pool with a worker, every "
+                                     "deployment registered (until Ctrl-C)")
+    p = sub.add_parser("trigger", help="run a served deployment (e.g. pipeline/demo) and wait for it")
+    p.add_argument("deployment", help="flow/deployment, e.g. pipeline/demo, evaluate/demo-nightly")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="configuration overrides passed to the run (repeatable)")
+    p.add_argument("--timeout-s", type=float, default=3600)
+
     p = sub.add_parser("evaluate", help="online evaluation on test images: allocation, real bitstreams, COCO mAP, "
                                         "BD-rate report")
     _common(p)
@@ -112,6 +123,23 @@ def _overrides(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the local Prefect server, the
+    # worker and the Dask cluster this run started are stopped instead of orphaned.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.command in ("serve", "trigger"):
+        from mfiba.runtime import setup_local_state
+
+        setup_local_state()
+        from deployments.serve import serve, trigger
+
+        if args.command == "serve":
+            return serve()
+        result = trigger(args.deployment, {"overrides": args.overrides} if args.overrides else None,
+                         timeout_s=args.timeout_s)
+        print(json.dumps(result, indent=2))
+        return 0 if result["state"] == "COMPLETED" else 1
     try:
         cfg = load_config(args.preset, _overrides(args), smoke=args.smoke)
         if args.command in ("features", "precode") and args.images:
@@ -126,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
+    if args.command == "status":
+        from mfiba.runtime import setup_local_state
 
-    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the local Prefect server and the
-    # Dask cluster this run started are stopped instead of orphaned.
-    import signal
+        setup_local_state()
+        from flows.status import stage_status
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        rows = stage_status(cfg)
+        width = max(len(r["stage"]) for r in rows)
+        for r in rows:
+            print(f"{r['stage']:<{width}}  {r['state']:<10}  {r['detail']}")
+        return 0
 
     # Local state before anything imports prefect (it fixes PREFECT_HOME at import).
     from mfiba.runtime import LocalPrefectServer, setup_local_state

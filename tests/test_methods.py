@@ -100,3 +100,14 @@ def test_part_table_is_resumable_atomic_and_refuses_other_identities(tmp_path):
     assert PartTable(str(tmp_path / "t"), {"codec": "b"}, overwrite=True).keys() == set()
     with pytest.raises(ValueError, match="invalid part key"):
         t.write("../escape", pd.DataFrame())
+
+
+def test_part_table_behind_an_fsspec_url():
+    url = "memory://mfiba-tests/precode-table"
+    t = PartTable(url, {"codec": "a"})
+    t.write("image=1-q=0", pd.DataFrame({"image_id": [1], "bits": [10]}))
+    assert PartTable(url, {"codec": "a"}).keys() == {"image=1-q=0"}
+    t.consolidate()
+    assert PartTable.load(url).bits.tolist() == [10]
+    other = PartTable.for_identity("memory://mfiba-tests/t", {"codec": "b"})
+    assert other.url.startswith("memory://mfiba-tests/t-") and other.keys() == set()

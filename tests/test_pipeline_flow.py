@@ -62,3 +62,11 @@ def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     assert Path(ev["report"]).read_text().count("|") > 20
     again, log = _run(tmp_path, "evaluate", cli_env)
     assert again["reused"] == again["coded_images"] and "0 to compute" in log
+
+    status, _ = _run(tmp_path, "status", cli_env)
+    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    assert states == {"features": "done", "precode": "done", "fit": "done", "tune": "done", "evaluate": "done"}
+    # Another fit setting makes the fit and what follows it stale, nothing before it.
+    status, _ = _run(tmp_path, "status", cli_env, "--set", "fit.importance_floor=0.02")
+    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    assert states["precode"] == "done" and states["fit"] == "stale" and states["evaluate"] == "stale"

@@ -75,7 +75,7 @@ def _codec(settings: EvalSettings, label: str):
 
 
 def weights_key(image_id: int, pool_modes: tuple[str, ...]) -> str:
-    return f"image={int(image_id)}-pool={'+'.join(pool_modes)}"
+    return f"image={int(image_id)}-pool={'_'.join(pool_modes)}"
 
 
 def _plan_digest(entry: dict) -> str:

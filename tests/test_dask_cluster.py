@@ -1,0 +1,47 @@
+"""The stage flows on a separately started Dask scheduler and worker (what a cluster user
+does with --scheduler-address), not only on the built-in LocalCluster."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from storage.feature_store import FeatureStore
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_features_on_an_external_scheduler_and_worker(tmp_path, cli_env):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], env=cli_env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        time.sleep(3)
+        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--memory-limit", "4GiB", "--no-dashboard"], env=cli_env, cwd=tmp_path,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        p = subprocess.run([str(BIN / "mfiba"), "features", "--preset", "demo", "--scheduler-address", address,
+                            "--set", f"data.root={tmp_path / 'data'}", "--set", f"run_dir={tmp_path / 'run'}",
+                            "--set", "data.train_count=2", "--set", "data.calib_count=0",
+                            "--set", "data.test_count=2", "--store", str(tmp_path / "f.zarr")],
+                           env=cli_env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        summary = json.loads(p.stdout.strip().splitlines()[-1])
+        assert summary["extracted"] == 4
+        assert len(FeatureStore(str(tmp_path / "f.zarr"), mode="r").image_ids()) == 4
+        assert "Creating a new Dask cluster" not in p.stderr  # the external one was used
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
