@@ -2,7 +2,8 @@
 
 Writes runs/bench/bench.json and runs/bench/bench.md. Every figure is a median over
 repeated runs, with the machine and the inputs. Rerun one section with
-`python -m benchmarks.bench --only mfip` (sections: mfip, allocation).
+`python -m benchmarks.bench --only mfip` (sections: mfip, allocation, store, codecs,
+scaling, fullsize); results of other sections already in bench.json are kept.
 """
 from __future__ import annotations
 
@@ -156,7 +157,170 @@ def bench_allocation(cfg, images: int = 8, repeats: int = 200) -> dict:
             "per_image": rows, "goals": {"ms_per_image_at_most": 1.0}}
 
 
-SECTIONS = {"mfip": bench_mfip, "allocation": bench_allocation}
+def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 3) -> dict:
+    """Feature-store throughput: backbone only against extraction into zarr (the features
+    stage's own step, one process, one thread), store bytes per image, compression ratio."""
+    import tempfile
+
+    import torch
+
+    from storage.feature_store import FeatureStore
+    from tasks.datasets.sources import image_refs
+    from tasks.features import ExtractSettings, _cached_model, extract_batch, load_tensor
+
+    torch.set_num_threads(1)
+    refs = image_refs(cfg, ["test"])["test"][:images]
+    ckpt = str(cfg.resolve_path(cfg.task_model.checkpoint))
+    model = _cached_model(cfg.task_model.name, ckpt, False, "cpu")
+    tensors = [load_tensor(r) for r in refs]
+    batches = [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
+    t_backbone = timed(lambda: [model.features(b) for b in batches], repeats)[0]
+    stored, raw = [], 0
+    for f in model.features(tensors[:1])[0].values():
+        raw += f[0].numel() * 2  # float16
+
+    def extract():
+        with tempfile.TemporaryDirectory() as d:
+            settings = ExtractSettings(f"{d}/f.zarr", cfg.task_model.name, ckpt, False, "cpu", 1)
+            for k in range(0, len(refs), batch):
+                extract_batch(refs[k:k + batch], settings)
+            store = FeatureStore(f"{d}/f.zarr", mode="r")
+            stored.append(sum(store.nbytes_stored(i) for i in store.image_ids()) / len(refs))
+
+    t_store = timed(extract, repeats)[0]
+    return {"inputs": {"images": len(refs), "batch": batch, "repeats": repeats, "threads": 1,
+                       "note": "image decoding included in extraction, not in backbone-only"},
+            "backbone_images_per_s": len(refs) / t_backbone, "extract_into_zarr_images_per_s": len(refs) / t_store,
+            "storage_overhead_percent": 100.0 * (t_store - t_backbone) / t_backbone,
+            "store_bytes_per_image": float(np.median(stored)), "raw_float16_bytes_per_image": raw,
+            "compression_ratio": raw / float(np.median(stored)), "goals": {"overhead_percent_below": 15.0}}
+
+
+def bench_codecs(cfg, images: int = 4) -> dict:
+    """Encode and decode time per megapixel of mosaic for every configured codec at its middle
+    rate point, and real bits against the entropy model's estimate."""
+    import tempfile
+
+    from storage.feature_store import FeatureStore
+    from tasks.codecs.base import build_codec_from_spec
+    from tasks.codecs.measure import measure_codec
+
+    store = FeatureStore(cfg.store_url(), mode="r")
+    ids = [i for i in store.image_ids() if store.read_attrs(i)["split"] == "test"][:images]
+    rows = []
+    for label, spec in [("main", cfg.codecs.main), *cfg.codecs.others.items()]:
+        codec = build_codec_from_spec(spec, label, cfg.resolve_path)
+        phi = spec.phis[len(spec.phis) // 2]
+        with tempfile.TemporaryDirectory() as d:
+            t = measure_codec(codec, store, ids, [phi], d)
+        per_image = t.groupby("image_id").agg(mosaic=("mosaic_pixels", "sum"), enc=("seconds_encode", "first"),
+                                              dec=("seconds_decode", "first"), bits=("bits", "sum"),
+                                              est=("estimated_bits", lambda x: x.sum(min_count=1)))
+        mp = per_image.mosaic.sum() / 1e6
+        rows.append({"codec": label, "name": spec.name, "phi": phi, "images": len(ids),
+                     "encode_s_per_megapixel": float(per_image.enc.sum() / mp),
+                     "decode_s_per_megapixel": float(per_image.dec.sum() / mp),
+                     "real_over_estimated_bits": float(per_image.bits.sum() / per_image.est.sum())
+                     if per_image.est.notna().all() else None})
+    return {"inputs": {"images": ids, "threads": 1}, "rows": rows}
+
+
+def bench_scaling(cfg, images: int = 8) -> dict:
+    """Precoding throughput with 1 and 2 Dask workers (the CLI, a fresh run folder each), and
+    the peak resident memory of each worker process (sampled every 0.2 s)."""
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    import psutil
+
+    out = {}
+    mfiba = str(Path(sys.executable).with_name("mfiba"))
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory() as d:
+            args = [mfiba, "precode", "--preset", "demo", "--workers", str(workers), "--set", f"run_dir={d}",
+                    "--set", f"data.calib_count={images}", "--set", "precode.batch_size=2"]
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+            peaks: dict[int, int] = {}
+
+            def sample():
+                while proc.poll() is None:
+                    try:
+                        for c in psutil.Process(proc.pid).children(recursive=True):
+                            if "spawn_main" in " ".join(c.cmdline()):
+                                peaks[c.pid] = max(peaks.get(c.pid, 0), c.memory_info().rss)
+                    except psutil.Error:
+                        pass
+                    time.sleep(0.2)
+            th = threading.Thread(target=sample)
+            th.start()
+            rc = proc.wait()
+            th.join()
+            wall = time.perf_counter() - t0
+        items = images * len(cfg.codecs.main.phis)
+        out[f"{workers}_workers"] = {"rc": rc, "wall_s": wall, "items": items, "items_per_s": items / wall,
+                                     "peak_rss_mb_per_worker": sorted(round(v / 2**20) for v in peaks.values())}
+    out["speedup_2_over_1"] = out["2_workers"]["items_per_s"] / out["1_workers"]["items_per_s"]
+    out["inputs"] = {"images": images, "qualities": len(cfg.codecs.main.phis), "tasks": cfg.precode.tasks,
+                     "note": "wall time includes the CLI's Prefect server and cluster start-up"}
+    return out
+
+
+def bench_fullsize(cfg) -> dict:
+    """One COCO-sample image at full resolution through every stage with torchvision's
+    Faster R-CNN ResNet50-FPN (random init) and ELIC (random init) at one quality: time per
+    stage in the paper's Table 6 layout."""
+    import torch
+
+    from mfiba.config import COCO_SAMPLE
+    from tasks.allocation import PAPER_DIVISORS, LossRateModel, allocate
+    from tasks.codecs.learned import build_learned_codec
+    from tasks.datasets.coco import image_to_tensor, read_rgb
+    from tasks.importance import mfip_weights
+    from tasks.models.registry import SCALES, build_task_model
+    from tasks.precoding import lossless_pass, precode_quality
+
+    images = sorted((COCO_SAMPLE / "images").glob("*.jpg"))
+    if not images:
+        return {"skipped": f"no COCO sample at {COCO_SAMPLE}"}
+    torch.set_num_threads(2)
+    model = build_task_model("fasterrcnn_resnet50_fpn", None, allow_random_weights=True)
+    codec = build_learned_codec("elic", lmbda=0.013, threads=2)
+    img = image_to_tensor(read_rgb(images[0]))
+    t = {}
+    t0 = time.perf_counter()
+    feats, meta = model.features([img])
+    t["t_backbone"] = time.perf_counter() - t0
+    import json as _json
+
+    cats = _json.loads((COCO_SAMPLE / "annotations" / "instances.json").read_text())["categories"]
+    t0 = time.perf_counter()
+    ref, _ = lossless_pass(model, 1, feats, meta, cats, ("bbox",))
+    res = precode_quality(model, codec, 1, feats, meta, 0, 0.013, ref, ("bbox",), "coded")
+    mfip_weights(np.array([[r["loss_bbox"] for r in res.rows]]))
+    t["t_pre (m = 1)"] = time.perf_counter() - t0
+    px = np.array([feats[s].shape[-2] * feats[s].shape[-1] for s in SCALES], float)
+    t["t_assign"] = timed(lambda: allocate(np.full(5, 0.2), LossRateModel((1.0,), (0.6,)), px, 1.0,
+                                           PAPER_DIVISORS), 100)[0]
+    t0 = time.perf_counter()
+    data = codec.compress({s: f[0] for s, f in feats.items()}, 0.013)
+    t["t_enc"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decoded = codec.decompress(data)
+    t["t_dec"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.heads(type(decoded)((s, x[None]) for s, x in decoded.items()), meta)
+    t["t_task"] = time.perf_counter() - t0
+    return {"inputs": {"image": images[0].name, "size": list(img.shape[-2:]), "model_input": list(meta.image_sizes[0]),
+                       "task_model": "fasterrcnn_resnet50_fpn (random init)", "codec": "elic N=192 M=320 (random init)",
+                       "threads": 2, "bits": 8 * len(data)},
+            "seconds": t, "precode_over_one_encode_decode": t["t_pre (m = 1)"] / (t["t_enc"] + t["t_dec"])}
+
+
+SECTIONS = {"mfip": bench_mfip, "allocation": bench_allocation, "store": bench_store, "codecs": bench_codecs,
+            "scaling": bench_scaling, "fullsize": bench_fullsize}
 
 
 def markdown(results: dict) -> str:
@@ -180,6 +344,10 @@ def markdown(results: dict) -> str:
                   f"| {a['closed_form_ms_per_image']:.3f} | {a['budget_bisection_ms_per_image']:.2f} | "
                   f"{a['rate_control']['mean_abs_error_percent']:.1f} | {a['rate_control']['p95_abs_error_percent']:.1f} |",
                   "", f"Inputs: {json.dumps(a['inputs'])}. Rerun: `python -m benchmarks.bench --only allocation`.", ""]
+    for name in ("store", "codecs", "scaling", "fullsize"):
+        if name in results:
+            lines += [f"## {name}", "", "```", json.dumps(results[name], indent=1, default=float)[:4000], "```",
+                      f"Rerun: `python -m benchmarks.bench --only {name}`.", ""]
     return "\n".join(lines)
 
 

@@ -766,16 +766,27 @@ def sensitivity_plot(sensitivity_csv: str, out_dir, iou_type: str = "bbox") -> s
     return _save(fig, os.path.join(str(out_dir), "fig1_sensitivity.png"))
 
 
-def extra_sections(run: dict, bits: pd.DataFrame, timing: pd.DataFrame, figures: dict[str, str]) -> str:
-    """What was run on what, where the bits go, timing per stage, the other figures, caveats."""
-    lines = ["## What was run", ""]
-    lines += [f"- {k}: {v}" for k, v in run.items()]
-    lines += ["", "## Where the bits go (mean bits per image per stream part)", "",
-              _md_table(bits[[c for c in bits.columns if not c.startswith("share_")]], 1), "",
-              "## Time per stage and image (median, this run's machine; like the paper's Table 6)", "",
-              _md_table(timing, 4), ""]
+def run_section(run: dict) -> str:
+    """What was run on what: the first thing a reader needs."""
+    return "\n".join(["## What was run", ""] + [f"- {k}: {v}" for k, v in run.items()] + [""])
+
+
+def tail_sections(bits: pd.DataFrame, timing: pd.DataFrame, figures: dict[str, str], caveats: list[str]) -> str:
+    """Where the bits go, time per stage, the figures, the caveats."""
+    lines = ["## Where the bits go (mean bits per image per stream part)", "",
+             _md_table(bits[[c for c in bits.columns if not c.startswith("share_")]], 1), "",
+             "## Time per stage and image (median, this run's machine; like the paper's Table 6)", "",
+             _md_table(timing, 4), ""]
     if figures:
-        lines += ["## Figures", ""]
-        lines += [f"![{name}]({path})" for name, path in figures.items()]
-        lines += [""]
+        lines += ["## Figures", ""] + [f"![{name}]({path})" for name, path in figures.items()] + [""]
+    if caveats:
+        lines += ["## Caveats", ""] + [f"- {c}" for c in caveats] + [""]
     return "\n".join(lines)
+
+
+def compose_report(body: str, run: dict, bits: pd.DataFrame, timing: pd.DataFrame, figures: dict[str, str],
+                   caveats: list[str]) -> str:
+    """The page a person opens: title, what was run, the tables of `markdown_report`, then
+    where the bits go, timing, figures and caveats."""
+    title, _, rest = body.partition("\n")
+    return "\n".join([title, "", run_section(run), rest.lstrip("\n"), tail_sections(bits, timing, figures, caveats)])
