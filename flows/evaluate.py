@@ -229,7 +229,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     codec_of = {m: (cfg.codecs.main.name if c == "main" else cfg.codecs.others[c].name)
                 for m, c in zip(detections.method, detections.codec)}
     plots_dir = run / "plots"
-    figures = {f"RD {p.rsplit('_', 1)[0].split('rd_', 1)[-1]}": os.path.relpath(p, run)
+    figures = {"RD " + os.path.basename(p)[3:-4].replace("_", " "): os.path.relpath(p, run)
                for p in report.rd_plots(pts, ceil, list(score_tasks), plots_dir)}
     for name, path in fit.get("figures", {}).items():
         figures[name] = os.path.relpath(path, run)

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--methods", nargs="+", help="evaluate.methods (uniform, mfiba, mfiba-finetuned, static, saba, oracle)")
     p.add_argument("--images", type=int, help="evaluate.images: the first N test images (0: all)")
+    p.add_argument("--rates", nargs="+", type=int, metavar="INDEX",
+                   help="rate points as indices into codecs.main.phis (tune.rate_points)")
     return ap
 
 
@@ -114,6 +116,8 @@ def _overrides(args) -> list[str]:
         out.append("task_model.allow_random_weights=true")
     if getattr(args, "methods", None):
         out.append(f"evaluate.methods={json.dumps(args.methods)}")
+    if getattr(args, "rates", None):
+        out.append(f"tune.rate_points={json.dumps(args.rates)}")
     if args.command == "evaluate" and args.images is not None:
         out.append(f"evaluate.images={args.images}")
     if getattr(args, "iterations", None):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MFIBA = str(Path(sys.executable).with_name("mfiba"))
@@ -70,3 +71,38 @@ def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     status, _ = _run(tmp_path, "status", cli_env, "--set", "fit.importance_floor=0.02")
     states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
     assert states["precode"] == "done" and states["fit"] == "stale" and states["evaluate"] == "stale"
+
+
+@pytest.mark.slow
+def test_evaluate_killed_midway_resumes_to_identical_results(tmp_path, cli_env):
+    import os
+    import signal
+    import time
+
+    def evaluate_args(run):
+        return [MFIBA, *_args(tmp_path, "evaluate", "--set", f"run_dir={run}", "--set", "evaluate.methods=[uniform, mfiba]")]
+
+    _run(tmp_path, "features", cli_env, "--splits", "calib", "test")
+    for run in ("clean", "killed"):  # the stages before evaluate, in both run folders
+        _run(tmp_path, "precode", cli_env, "--set", f"run_dir={tmp_path / run}")
+        _run(tmp_path, "fit", cli_env, "--set", f"run_dir={tmp_path / run}")
+    clean = subprocess.run(evaluate_args(tmp_path / "clean"), env=cli_env, capture_output=True, text=True,
+                           timeout=900, cwd=REPO)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    proc = subprocess.Popen(evaluate_args(tmp_path / "killed"), env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((tmp_path / "killed").glob("evaluate/detections-*/parts/*.parquet")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its cluster and workers, mid-run
+    proc.wait()
+    again = subprocess.run(evaluate_args(tmp_path / "killed"), env=cli_env, capture_output=True, text=True,
+                           timeout=900, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout[again.stdout.index("{"):])
+    assert summary["reused"] > 0
+    a = pd.read_csv(tmp_path / "clean" / "rd_points.csv").drop(columns=["image_bits", "image_input_pixels"],
+                                                                errors="ignore")
+    b = pd.read_csv(tmp_path / "killed" / "rd_points.csv").drop(columns=["image_bits", "image_input_pixels"],
+                                                                 errors="ignore")
+    pd.testing.assert_frame_equal(a, b)
