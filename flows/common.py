@@ -1,6 +1,7 @@
 """Orchestration helpers shared by the stage flows: task runners and progress reporting."""
 from __future__ import annotations
 
+import importlib.util
 import time
 
 from mfiba.config import Config
@@ -15,10 +16,13 @@ def dask_task_runner(cfg: Config, device: str):
     if cfg.dask.scheduler_address:
         return DaskTaskRunner(address=cfg.dask.scheduler_address)
     kwargs = dict(n_workers=cfg.dask.n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                  memory_limit=cfg.dask.memory_limit, processes=True, dashboard_address=":0")
+                  memory_limit=cfg.dask.memory_limit, dashboard_address=":0")
     if device == "cuda":
         kwargs["resources"] = {cfg.dask.gpu_resource: 1}
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+        if importlib.util.find_spec("dask_cuda"):  # one worker per GPU, each pinned to its device
+            kwargs.pop("n_workers")
+            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={**kwargs, "processes": True})
 
 
 def gpu_annotation(cfg: Config, device: str) -> dict:
