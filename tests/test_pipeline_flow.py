@@ -21,7 +21,8 @@ def _args(tmp_path, stage, *extra):
             "--set", "tune.images=4", "--set", "tune.rate_points=[0, 1, 2, 3, 4]", "--set", "tune.max_evaluations=2",
             "--set", "tune.saba_images=1", "--set", "evaluate.images=4", "--set", "evaluate.anchors=[]",
             "--set", "evaluate.natural_image_anchor=null", "--set", "evaluate.pool_modes=[coded]",
-            "--set", "evaluate.bootstrap=10", *extra]
+            "--set", "evaluate.bootstrap=10",
+            "--set", "evaluate.methods=[uniform, mfiba, mfiba-finetuned, static, saba, oracle]", *extra]
 
 
 def _run(tmp_path, stage, env, *extra):
