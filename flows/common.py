@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 
 from mfiba.config import Config
@@ -15,8 +16,9 @@ def dask_task_runner(cfg: Config, device: str):
 
     if cfg.dask.scheduler_address:
         return DaskTaskRunner(address=cfg.dask.scheduler_address)
+    # silence_logs: the nannies' shutdown chatter ("still alive after 4 s, killing") is not news.
     kwargs = dict(n_workers=cfg.dask.n_workers, threads_per_worker=cfg.dask.threads_per_worker,
-                  memory_limit=cfg.dask.memory_limit, dashboard_address=":0")
+                  memory_limit=cfg.dask.memory_limit, dashboard_address=":0", silence_logs=logging.ERROR)
     if device == "cuda":
         kwargs["resources"] = {cfg.dask.gpu_resource: 1}
         if importlib.util.find_spec("dask_cuda"):  # one worker per GPU, each pinned to its device
@@ -25,9 +27,18 @@ def dask_task_runner(cfg: Config, device: str):
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={**kwargs, "processes": True})
 
 
+def gpu_tagged(cfg: Config, device: str) -> bool:
+    return cfg.dask.gpu_tagging == "always" or (cfg.dask.gpu_tagging == "auto" and device == "cuda")
+
+
 def gpu_annotation(cfg: Config, device: str) -> dict:
     """Dask annotations for GPU work: only workers declaring the resource take it."""
-    return {"resources": {cfg.dask.gpu_resource: 1}} if device == "cuda" else {}
+    return {"resources": {cfg.dask.gpu_resource: 1}} if gpu_tagged(cfg, device) else {}
+
+
+def worker_device(cfg: Config, device: str) -> str:
+    """The device a task asks for: tagged work lands on GPU workers, which pick their own."""
+    return "auto" if gpu_tagged(cfg, device) else device
 
 
 class Progress:

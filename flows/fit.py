@@ -53,10 +53,21 @@ def _read_inputs(cfg: Config) -> tuple[str, bytes, bytes]:
                             f"run `mfiba precode --preset {cfg.preset}` first") from e
 
 
+def table_content_sha256(table_bytes: bytes) -> str:
+    """SHA-256 of what the fit reads: the table's rows in a canonical order, without the
+    timing columns (a part recomputed after a loss has other timings, the same data)."""
+    frame = pd.read_parquet(io.BytesIO(table_bytes))
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith("seconds_")])
+    keys = [c for c in ("image_id", "quality", "scale") if c in frame]
+    if keys:
+        frame = frame.sort_values(keys, ignore_index=True)
+    return hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes()).hexdigest()
+
+
 def fit_version(table_bytes: bytes, identity_bytes: bytes, cfg: Config) -> tuple[str, str]:
     """(version, table sha256): what the fit depends on is the table's content, the fit
     settings, what the table was computed with (and the fitting method's revision)."""
-    table_sha = hashlib.sha256(table_bytes).hexdigest()
+    table_sha = table_content_sha256(table_bytes)
     key = table_sha + cfg.digest("fit") + identity_bytes.decode("utf-8") + FIT_METHOD
     return "v-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], table_sha
 

@@ -17,7 +17,7 @@ import dask
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import Progress, dask_task_runner, gpu_annotation
+from flows.common import Progress, dask_task_runner, gpu_annotation, worker_device
 from flows.features import _checkpoint, weights_identity
 from mfiba.config import Config
 from storage.feature_store import FeatureStore
@@ -103,7 +103,7 @@ def precode_flow(config: dict, preset: str = "demo", overwrite: bool = False) ->
         allow_random_weights=cfg.task_model.allow_random_weights,
         codec_spec=json.dumps(cfg.codecs.main.model_dump(mode="json"), sort_keys=True), phis=phis,
         pool_mode=cfg.codecs.pool_mode, tasks=tasks, annotations=tuple(annotations), oracle=cfg.precode.oracle,
-        device=device, threads=cfg.dask.threads_per_worker)
+        device=worker_device(cfg, device), threads=cfg.dask.threads_per_worker)
 
     done = table.keys()
     work = []  # (quality, image ids still to do at that quality)
@@ -139,7 +139,8 @@ def precode_flow(config: dict, preset: str = "demo", overwrite: bool = False) ->
     empty = int(frame.drop_duplicates("image_id")["reference_empty"].sum()) if not frame.empty else 0
     summary = {"table": f"{out}/table.parquet", "weights": f"{out}/weights.parquet", "images": len(selected),
                "qualities": len(phis), "items": n_items, "computed": computed, "reused": n_items - n_todo,
-               "rows": int(len(frame)), "images_with_empty_reference": empty, "tasks": list(tasks), **secs}
+               "rows": int(len(frame)), "images_with_empty_reference": empty, "tasks": list(tasks), **secs,
+               "workers": sorted({r.worker for r in results if r.written})}
     write_manifest(cfg.resolve_path(cfg.run_dir), StageManifest(
         stage="precode", config_digest=cfg.digest("data", "task_model", "codecs", "precode"),
         input_hashes={"weights": weights, "codec": identity["codec_checkpoint_sha256"],
@@ -147,7 +148,8 @@ def precode_flow(config: dict, preset: str = "demo", overwrite: bool = False) ->
         if not frame.empty else 0, extra=summary))
     create_markdown_artifact(_markdown(summary, weights_frame), key="precode-summary",
                              description=f"precoding of {len(selected)} images")
-    logger.info(f"precode done: {computed} items computed, {n_items - n_todo} reused; codec {secs['seconds_codec']} s, "
+    logger.info(f"precode done: {computed} items computed on workers {summary['workers']}, {n_items - n_todo} reused; "
+                f"codec {secs['seconds_codec']} s, "
                 f"heads {secs['seconds_heads']} s, losses {secs['seconds_loss']} s; "
                 f"{empty} images with an empty reference (loss 0, flagged); table {out}/table.parquet")
     return summary

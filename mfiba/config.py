@@ -231,6 +231,9 @@ class DaskConfig(_Strict):
     memory_limit: str = "6GiB"
     # GPU work is tagged with this Dask resource; only workers that declare it take it.
     gpu_resource: str = "GPU"
+    # When to tag: "auto" when this process sees a GPU; "always" for a cluster whose GPUs are
+    # on the workers only (the flow runs on a CPU head node; workers pick their own device).
+    gpu_tagging: Literal["auto", "always", "never"] = "auto"
 
 
 class Config(_Strict):

@@ -13,3 +13,14 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     return device
+
+
+def worker_name() -> str:
+    """The Dask worker running the current task (for logs and summaries)."""
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+        return str(w.name or w.address)
+    except ValueError:  # not inside a worker
+        return "local"

@@ -220,6 +220,7 @@ class ItemsResult:
     seconds_codec: float = 0.0
     seconds_heads: float = 0.0
     seconds_loss: float = 0.0
+    worker: str = ""
 
 
 def part_key(image_id: int, quality: int) -> str:
@@ -273,7 +274,9 @@ def precode_items(settings: PrecodeSettings, image_ids: list[int], quality: int)
     table = PartTable(settings.table_url, json.loads(settings.table_identity))
     done = table.keys()
     datasets = {split: (d, i, k) for split, d, i, k in settings.annotations}
-    out = ItemsResult()
+    from tasks.device import worker_name
+
+    out = ItemsResult(worker=worker_name())
     phi = settings.phis[quality]
     for image_id in image_ids:
         key = part_key(image_id, quality)

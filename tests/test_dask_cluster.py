@@ -45,3 +45,32 @@ def test_features_on_an_external_scheduler_and_worker(tmp_path, cli_env):
         for proc in procs:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
+
+
+def test_gpu_tagged_precoding_runs_only_on_the_worker_declaring_a_gpu(tmp_path, cli_env):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    common = dict(env=cli_env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                  start_new_session=True)
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], **common)]
+    try:
+        time.sleep(3)
+        for name, extra in (("gpu-worker", ["--resources", "GPU=1"]), ("cpu-worker", [])):
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--name", name, "--nthreads", "1",
+                                           "--memory-limit", "4GiB", "--no-dashboard", *extra], **common))
+        args = ["--preset", "demo", "--scheduler-address", address, "--set", f"data.root={tmp_path / 'data'}",
+                "--set", f"run_dir={tmp_path / 'run'}", "--set", "data.train_count=0", "--set", "data.calib_count=4",
+                "--set", "data.test_count=0", "--set", f"features.store={tmp_path / 'f.zarr'}",
+                "--set", "codecs.main.phis=[20, 60]", "--set", "precode.batch_size=1"]
+        for stage, extra in (("features", ["--splits", "calib"]), ("precode", ["--set", "dask.gpu_tagging=always"])):
+            p = subprocess.run([str(BIN / "mfiba"), stage, *args, *extra], env=cli_env, capture_output=True, text=True,
+                               timeout=600, cwd=REPO)
+            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        summary = json.loads(p.stdout[p.stdout.index("{"):])
+        assert summary["computed"] == 8 and summary["workers"] == ["gpu-worker"]
+        assert "computed on workers ['gpu-worker']" in p.stderr  # the flow's log says where the work ran
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)

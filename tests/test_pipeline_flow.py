@@ -73,6 +73,18 @@ def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
     assert states["precode"] == "done" and states["fit"] == "stale" and states["evaluate"] == "stale"
 
+    # A lost part of a stage's outputs: status reports it, a rerun of that stage alone
+    # restores it (one item computed) and everything after it stays valid.
+    part = next(Path(pre["table"]).parent.glob("parts/*.parquet"))
+    part.unlink()
+    status, _ = _run(tmp_path, "status", cli_env)
+    assert "precode   partial     19/20" in status
+    again, _ = _run(tmp_path, "precode", cli_env)
+    assert again["computed"] == 1 and again["reused"] == 19
+    status, _ = _run(tmp_path, "status", cli_env)
+    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    assert states == {"features": "done", "precode": "done", "fit": "done", "tune": "done", "evaluate": "done"}
+
 
 @pytest.mark.slow
 def test_evaluate_killed_midway_resumes_to_identical_results(tmp_path, cli_env):
