@@ -23,7 +23,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import Progress, dask_task_runner, gpu_annotation
+from flows.common import Progress, dask_task_runner, gpu_annotation, worker_device
 from flows.features import _checkpoint, weights_identity
 from flows.fit import load_current_fit
 from flows.tune import load_current_tune
@@ -140,7 +140,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
         (str(ds.image_dir), str(ds.instances_json), str(ds.keypoints_json) if ds.keypoints_json else None),
         tuple(ec.tasks), score_tasks, tuple(phis), f"{out}/streams", weights_table.url, json.dumps(weights_table.identity, sort_keys=True),
         det_table.url, json.dumps(det_table.identity, sort_keys=True), "oracle" in ec.methods, cfg.fit.importance_mode,
-        cfg.fit.importance_floor, device, cfg.dask.threads_per_worker)
+        cfg.fit.importance_floor, worker_device(cfg, device), cfg.dask.threads_per_worker)
 
     # 1. Online MFIP (and oracle) weights per test image and pool mode.
     have = weights_table.keys()
@@ -207,8 +207,8 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     logger.info(f"evaluate: {n_entries} coded images planned ({n_entries // max(1, len(image_ids))} per test image), "
                 f"{len(done)} already decoded and scored")
     progress = Progress(logger, "encode + decode + heads (images)", len(image_ids))
-    ceiling_future = ceiling_task.submit(settings, image_ids)
     with dask.annotate(**gpu_annotation(cfg, device)):
+        ceiling_future = ceiling_task.submit(settings, image_ids)
         encodes, decodes = [], []
         for i in image_ids:
             encodes.append(encode_task.submit(settings, i, plan[i]))

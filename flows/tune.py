@@ -18,12 +18,13 @@ import hashlib
 import io
 import json
 
+import dask
 import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import dask_task_runner
+from flows.common import dask_task_runner, gpu_annotation, worker_device
 from flows.features import _checkpoint
 from flows.fit import load_current_fit
 from flows.precode import precode_table_url
@@ -103,24 +104,27 @@ def tune_flow(config: dict, preset: str = "demo") -> dict:
                           json.dumps(cfg.codecs.main.model_dump(mode="json"), sort_keys=True),
                           (str(split_ds.image_dir), str(split_ds.instances_json),
                            str(split_ds.keypoints_json) if split_ds.keypoints_json else None),
-                          (tc.task,), cfg.codecs.pool_mode, device, cfg.dask.threads_per_worker)
+                          (tc.task,), cfg.codecs.pool_mode, worker_device(cfg, device), cfg.dask.threads_per_worker)
     metric = f"{tc.metric}_{tc.task}"
     mfip = {i: dict(zip(g.scale, g.weight)) for i, g in w[w.source == "loss"].groupby("image_id")}
     oracle = {i: dict(zip(g.scale, g.weight)) for i, g in w[w.source == "oracle"].groupby("image_id")}
     pixels = _scale_pixels(table_url, image_ids, scales)
 
     def curve(label: str, phis_per_point: list[list[dict]]) -> list[dict]:
-        futures = [rate_point_task.submit(settings, image_ids, p, f"{label}-point-{k}")
-                   for k, p in enumerate(phis_per_point)]
+        with dask.annotate(**gpu_annotation(cfg, device)):
+            futures = [rate_point_task.submit(settings, image_ids, p, f"{label}-point-{k}")
+                       for k, p in enumerate(phis_per_point)]
         return [f.result() for f in futures]
 
-    ceiling = lossless_task.submit(settings, image_ids)
+    with dask.annotate(**gpu_annotation(cfg, device)):
+        ceiling = lossless_task.submit(settings, image_ids)
     anchor = curve("uniform", [[uniform_phis(scales, phis[q])] * len(image_ids) for q in tc.rate_points])
     logger.info("uniform anchor on calibration: " + ", ".join(f"{p['bpp_input']:.4f} bpp -> {p[metric]:.2f}"
                                                                for p in anchor))
     # SABA sensitivities (a few calibration images, one quality).
     saba_ids = image_ids[:tc.saba_images]
-    sens = [saba_task.submit(settings, i, phis[tc.saba_quality]) for i in saba_ids]
+    with dask.annotate(**gpu_annotation(cfg, device)):
+        sens = [saba_task.submit(settings, i, phis[tc.saba_quality]) for i in saba_ids]
     saba_w, group_mean = saba_scale_weights([{s: np.array(v) for s, v in f.result().items()} for f in sens])
     models = RateModels(**{**models.__dict__, "saba_weights": saba_w})
 
