@@ -5,34 +5,25 @@ display). Units: rate is bits per pixel of the scale, loss is in mAP points (x10
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from tasks.fitting import METRICS, PAPER_TABLE1, SCALE_ORDER, SIZE_BINS, predict
+from tasks.reporting import md_table as _md_table
+from tasks.reporting import pyplot as _pyplot
+from tasks.reporting import save_figure as _save
+
+
+def md_table(frame, digits: int = 4) -> str:
+    """The fit report's tables: four digits (CC values sit close to 1)."""
+    return _md_table(frame, digits)
+
 
 SCALE_COLOURS = {"0": "tab:blue", "1": "tab:orange", "2": "tab:green", "3": "tab:red", "pool": "tab:purple"}
 BIN_COLOURS = {"small": "tab:cyan", "medium": "tab:olive", "large": "tab:brown", "none": "tab:gray"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
-def _save(fig, path) -> str:
-    import io
-
-    from storage.urls import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_loss_rate(points, fits, path) -> str:
@@ -129,25 +120,8 @@ def plot_weights_by_size(by_size, source: str, path) -> str:
 
 
 # -- Markdown ---------------------------------------------------------------------------------
-def _cell(v, digits: int = 4) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        if not math.isfinite(v):
-            return "n/a"
-        return f"{v:.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:.3g}"
-    return str(v).replace("|", "/")
 
 
-def md_table(frame, digits: int = 4) -> str:
-    if frame is None or frame.empty:
-        return "_(none)_"
-    head = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(_cell(v, digits) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
 
 
 def table1(fits, loglog_fits=None):

@@ -25,7 +25,6 @@ so it is not comparable with a complete point.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,6 +37,10 @@ from pycocotools.cocoeval import COCOeval
 from tasks.bdrate import METHODS as BD_METHODS
 from tasks.bdrate import bd_rate
 from tasks.codecs.measure import rate_units
+from tasks.reporting import md_cell as _cell
+from tasks.reporting import md_table as _md_table
+from tasks.reporting import pyplot as _pyplot
+from tasks.reporting import save_figure as _save
 from tasks.evaluation.coco_eval import (
     IOU_TYPES,
     _area_index,
@@ -525,22 +528,8 @@ def bd_table(points: pd.DataFrame, evals: dict, tasks: Sequence[str], anchor: st
 
 # -- 4. RD plots ---------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
-def _save(fig, path: str) -> str:
-    from storage.urls import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def rd_plots(points: pd.DataFrame, ceiling: dict | None, tasks: Sequence[str], out_dir) -> list[str]:
@@ -584,27 +573,8 @@ def rd_plots(points: pd.DataFrame, ceiling: dict | None, tasks: Sequence[str], o
 
 # -- 5. Markdown ---------------------------------------------------------------------------
 
-def _cell(v, digits: int = 3) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        if not math.isfinite(v):
-            return "n/a"
-        return f"{v:.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:.3g}"
-    return str(v).replace("|", "/").replace("\n", " ")
 
 
-def _md_table(frame: pd.DataFrame, digits: int = 3) -> str:
-    if frame is None or frame.empty:
-        return "_(none)_"
-    head = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(_cell(v, digits) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
 
 
 def _bd_rule() -> str:
