@@ -38,7 +38,7 @@ from tasks.device import resolve_device
 from tasks.evaluation import report
 from tasks.evaluation.online import (EvalSettings, decode_items, encode_items, item_key, lossless_detections,
                                      online_weights, weights_key)
-from tasks.methods import (RateModels, allocate_phis, lambda_grid, method_weights, predicted_bits,
+from tasks.methods import (TUNED, RateModels, allocate_phis, lambda_grid, method_weights, predicted_bits,
                            rate_models_from_fit, uniform_phis)
 from tasks.models.registry import build_task_model
 from tasks.precoding import coded_scales
@@ -97,7 +97,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     if unknown:
         raise ConfigError(f"evaluate.anchors: {unknown} are not labels of codecs.others ({sorted(cfg.codecs.others)})")
     fit = load_current_fit(cfg, cfg.tune.metric)
-    needs_tune = bool({"mfiba-finetuned", "saba"} & set(ec.methods))
+    needs_tune = bool(TUNED & set(ec.methods))
     tune = load_current_tune(cfg) if needs_tune else {"version": None, "fit_version": fit["version"],
                                                       "weight_correction": {}, "saba_weights": {}}
     if tune.get("fit_version") != fit["version"]:

@@ -6,13 +6,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from mfiba.config import Config
-
-TUNED_METHODS = {"mfiba-finetuned", "saba"}
+from tasks.methods import TUNED
 
 
 def stages(cfg: Config) -> list[str]:
     out = ["features", "precode", "fit"]
-    if TUNED_METHODS & set(cfg.evaluate.methods):
+    if TUNED & set(cfg.evaluate.methods):
         out.append("tune")
     return out + ["evaluate"]
 

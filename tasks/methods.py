@@ -27,6 +27,7 @@ import numpy as np
 from tasks.allocation import AUTHORS_DIVISORS, PAPER_DIVISORS, LossRateModel, allocate, rate_to_phi
 
 ALLOCATING = ("mfiba", "mfiba-finetuned", "static", "saba", "oracle")
+TUNED = frozenset({"mfiba-finetuned", "saba"})  # methods that need `mfiba tune`'s calibration searches
 METHODS = ("uniform", *ALLOCATING)
 
 
