@@ -176,8 +176,10 @@ def rate_models_from_fit(fit: dict, task: str, scales, loss_rate_model: str = "p
     fits.update({f"rate-phi {s}": per_task["rate_phi"].get(s) for s in scales})
     bad = [name for name, f in fits.items() if not f or f.get("status", "ok") != "ok"]
     if bad:
+        hint = ("more calibration images or more qualities (codecs.main.phis)" if loss_rate_model == "pooled" else
+                "allocation.loss_rate_model=pooled, or more calibration images")
         raise ValueError(f"fit {fit.get('version')}, task {task!r}: no usable model for {bad} "
-                         "(see the fit report); try allocation.loss_rate_model=pooled or more calibration images")
+                         f"(see the fit report); try {hint}")
     if loss_rate_model == "pooled":
         alpha, beta = (per_task["pooled"]["alpha"],), (per_task["pooled"]["beta"],)
     else:

@@ -66,3 +66,20 @@ def test_torchvision_random_init_shapes_and_head_pass(name, monkeypatch, tmp_pat
     _same_detections(model.heads(feats, meta)[0], model.net([image])[0])
     # 'pool' is an exact stride-2 subsample of '3' (what derived-'pool' mode relies on).
     assert torch.equal(feats["pool"], feats["3"][..., ::2, ::2])
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "demo-multitask"])
+def test_random_init_is_the_same_network_in_every_process(name, monkeypatch, tmp_path):
+    """Feature extraction, precoding and evaluation build the model in different processes;
+    with random weights they must still build one network, whatever the caller's seed, and
+    without moving the caller's random state."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(1)
+    first = build_task_model(name, allow_random_weights=True)
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    second = build_task_model(name, allow_random_weights=True)
+    for (key, a), b in zip(first.net.state_dict().items(), second.net.state_dict().values()):
+        assert torch.equal(a, b), key
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_first)

@@ -126,6 +126,19 @@ def build_task_model(name: str, checkpoint: str | None = None, allow_random_weig
     return _REGISTRY[name](checkpoint=checkpoint, allow_random_weights=allow_random_weights)
 
 
+# Every process (feature extraction, precoding and evaluation workers) must build the same
+# random network, or features from one backbone would meet heads from another.
+RANDOM_INIT_SEED = 0
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Build under a fixed seed without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _torch_hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
@@ -153,7 +166,8 @@ def _torchvision_coco(builder_name: str, weights_enum_name: str, tasks: tuple[st
                 net = builder(weights=weights, weights_backbone=None, progress=False)
                 loaded = str(cached)
             elif allow_random_weights:
-                net = builder(weights=None, weights_backbone=None)
+                with _seeded(RANDOM_INIT_SEED):
+                    net = builder(weights=None, weights_backbone=None)
                 loaded = "random-init"
             else:
                 raise WeightsNotFoundError(
@@ -185,7 +199,9 @@ def _demo(checkpoint: str | None = None, allow_random_weights: bool = False) -> 
         net, _spec, _extra = load_checkpoint(checkpoint)
         loaded = str(checkpoint)
     elif allow_random_weights:
-        net, loaded = build_demo_model(DemoModelSpec()), "random-init"
+        with _seeded(RANDOM_INIT_SEED):
+            net = build_demo_model(DemoModelSpec())
+        loaded = "random-init"
     else:
         raise WeightsNotFoundError(
             f"demo-multitask: checkpoint {checkpoint!r} not found; it is committed at "
