@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.common import holds_output_locks
 from mfiba.config import Config
 from storage.feature_store import FeatureStore
 from tasks.codecs.base import build_codec_from_spec
@@ -66,5 +67,6 @@ def codec_report_flow(config: dict, preset: str = "demo", images: int = 8) -> st
     return str(out / "summary.csv")
 
 
+@holds_output_locks("codec-report")
 def run_codec_report(cfg: Config, images: int = 8) -> str:
     return codec_report_flow(cfg.model_dump(mode="json"), cfg.preset, images)

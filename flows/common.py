@@ -1,6 +1,9 @@
-"""Orchestration helpers shared by the stage flows: task runners and progress reporting."""
+"""Orchestration helpers shared by the stage flows: task runners, progress reporting and the
+locks on a stage's outputs."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import time
@@ -62,3 +65,54 @@ class Progress:
         self.logger.info(f"{self.label}: {self.done}/{self.total} ({pct:.0f}%), {rate:.2f}/s, ETA {eta:.0f} s")
         if self.artifact_id:
             update_progress_artifact(self.artifact_id, progress=pct)
+
+
+# What each stage writes, besides its run folder. A stage's coordinating process holds these
+# (storage.locks) from start to end, so two runs never write one place at the same time.
+_STAGE_OUTPUTS = {
+    "features": ("store",),
+    "train-codec": ("train_codec.work_dir",),
+    "train-task-model": ("train_task_model.work_dir",),
+}
+_NO_RUN_DIR = {"train-task-model"}  # writes only its work_dir (checkpoints, metrics)
+
+
+def output_targets(cfg: Config, stage: str) -> list:
+    """The locations `stage` writes, in the one order every stage takes them: the run
+    folder, then the feature store, then other folders."""
+    from storage.locks import LockTarget
+
+    out = [] if stage in _NO_RUN_DIR else [LockTarget(str(cfg.resolve_path(cfg.run_dir)))]
+    for what in _STAGE_OUTPUTS.get(stage, ()):
+        if what == "store":
+            out.append(LockTarget(cfg.store_url(), label="feature store", hint="use another features.store",
+                                  beside=True))
+        else:
+            section, field = what.split(".")
+            out.append(LockTarget(str(cfg.resolve_path(getattr(getattr(cfg, section), field))), label="work folder",
+                                  hint=f"use another {what}"))
+    return out
+
+
+@contextlib.contextmanager
+def hold_output_locks(cfg: Config, stage: str, timeout_s: float | None = None):
+    """Hold the stage's outputs (see `output_targets`) while the block runs; refuses with
+    storage.locks.OutputLockedError when another run holds one (waits `timeout_s`, else
+    $MFIBA_LOCK_WAIT_S, else not at all). Nests: the pipeline holds the run folder while
+    its stages take it again."""
+    from storage.locks import output_locks
+
+    with output_locks(output_targets(cfg, stage), stage, timeout_s):
+        yield
+
+
+def holds_output_locks(stage: str):
+    """Decorator for a stage's `run_*(cfg, ...)` entry (what the CLI, the deployments and the
+    pipeline call): the stage runs under `hold_output_locks(cfg, stage)`."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(cfg: Config, *args, **kwargs):
+            with hold_output_locks(cfg, stage):
+                return fn(cfg, *args, **kwargs)
+        return run
+    return wrap

@@ -23,8 +23,8 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import Progress, dask_task_runner, gpu_annotation, worker_device
-from flows.features import _checkpoint, weights_identity
+from flows.common import Progress, dask_task_runner, gpu_annotation, holds_output_locks, worker_device
+from flows.features import _checkpoint, skipped_images, weights_identity
 from flows.fit import load_current_fit
 from flows.tune import load_current_tune
 from mfiba.config import Config, ConfigError
@@ -108,6 +108,14 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
                                                    cfg.task_model.allow_random_weights))
     refs = image_refs(cfg, ["test"])["test"]
     image_ids = [r.image_id for r in refs][:ec.images or None]
+    skipped = skipped_images(store, image_ids)  # unusable images: left out, listed in the report
+    if skipped:
+        logger.warning(f"evaluate: {len(skipped)} of {len(image_ids)} test images were skipped by the features "
+                       "stage and are left out (listed in the report)")
+        image_ids = [i for i in image_ids if i not in skipped]
+    if not image_ids:
+        raise RuntimeError("evaluate: no usable test image (every selected one was skipped: "
+                           + "; ".join(f"{i}: {why}" for i, why in list(skipped.items())[:5]) + ")")
     missing = sorted(set(image_ids) - set(store.image_ids()))
     if missing:
         raise RuntimeError(f"{len(missing)} test images have no features in {store.url}: run `mfiba features` first")
@@ -181,8 +189,8 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
             targets = {i: [predicted_bits(models, uniform_phis(scales, phis[q]), pixels[i]) for q in points]
                        for i in image_ids}
             for method in [m for m in ec.methods if m != "uniform"]:
-                vectors = {i: method_weights(method, models, per_image.get((i, "loss")), per_image.get((i, "oracle")))
-                           for i in image_ids}
+                vectors = {i: method_weights(method, models, per_image.get((i, "loss")), per_image.get((i, "oracle")),
+                                             image=i) for i in image_ids}
                 if ec.rate_mode == "lambda":
                     grid = lambda_grid([vectors[i] for i in image_ids], models, [pixels[i] for i in image_ids],
                                        [float(np.mean([targets[i][k] for i in image_ids])) for k in range(len(points))],
@@ -257,8 +265,8 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     calib = len(image_refs(cfg, [cfg.fit.split]).get(cfg.fit.split, []))
     run_info = {
         "preset": cfg.preset, "task model": f"{cfg.task_model.name} ({weights_id[:19]})",
-        "splits": f"calibration {calib} images (fits, tuning, SABA), test {len(image_ids)} images (this report); "
-                  "disjoint, checked",
+        "splits": f"calibration {calib} images (fits, tuning, SABA), test {len(image_ids)} images (this report"
+                  + (f"; {len(skipped)} more skipped, listed below" if skipped else "") + "); disjoint, checked",
         "codec": f"{cfg.codecs.main.name}, rate points phi = {[phis[q] for q in points]}",
         "methods": ", ".join(ec.methods) + (f"; anchors: {', '.join(ec.anchors)}" if ec.anchors else ""),
         "allocation": f"{ec.rate_mode} mode, divisors {cfg.allocation.divisors}, loss-rate "
@@ -276,7 +284,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
             "code_version": code_version(),
             "streams": f"every bpp from stream files under {out}/streams, each decoded on its own"}
     md = report.compose_report(report.markdown_report(pts, bd, ceil, meta), run_info, bits, timing, figures,
-                               _caveats(cfg, ec))
+                               _caveats(cfg, ec), skipped, len(image_ids) + len(skipped))
     atomic_write_text(str(run / "report.md"), md)
     create_markdown_artifact(md, key="evaluate-report", description=f"MFIBA evaluation on {len(image_ids)} test images")
     rd_pngs = sorted(p for p in figures.values() if os.path.basename(p).startswith("rd_"))
@@ -290,7 +298,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
                           .to_dict(orient="records"), key="evaluate-bdrate", description="BD-rate (pchip)")
     summary = {"report": str(run / "report.md"), "rd_points": str(run / "rd_points.csv"),
                "bdrate": str(run / "bdrate.csv"), "plots": sorted(figures.values()), "images": len(image_ids),
-               "coded_images": n_entries, "reused": len(done)}
+               "coded_images": n_entries, "reused": len(done), "skipped_images": {str(i): w for i, w in skipped.items()}}
     write_manifest(run, StageManifest(stage="evaluate", config_digest=cfg.digest("evaluate", "allocation", "codecs"),
                                       input_hashes={"fit": fit["version"], "tune": str(tune["version"])},
                                       items_done=int(len(detections)), extra=summary))
@@ -352,6 +360,7 @@ def _scale_pixels(store, image_ids, scales) -> dict[int, np.ndarray]:
     return out
 
 
+@holds_output_locks("evaluate")
 def run_evaluate(cfg: Config) -> dict:
     return evaluate_flow.with_options(task_runner=dask_task_runner(cfg, resolve_device(cfg.device)))(
         cfg.model_dump(mode="json"), cfg.preset)

@@ -12,7 +12,7 @@ import dask
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from flows.common import Progress, dask_task_runner, gpu_annotation
+from flows.common import Progress, dask_task_runner, gpu_annotation, holds_output_locks
 from mfiba.config import Config
 from storage.feature_store import FeatureStore, check_disk_space, estimate_store_bytes, human_bytes
 from storage.manifest import StageManifest, code_version, file_sha256, write_manifest
@@ -38,6 +38,23 @@ def weights_identity(model: TaskModel) -> str:
     if model.weights == "random-init":
         return "random-init"
     return "sha256:" + file_sha256(model.weights)
+
+
+def record_skipped(store: FeatureStore, skipped: dict[int, str], written: list[int]) -> None:
+    """Keep, with the store, why each unusable image has no features, so the later stages
+    leave it out by name and their reports list it (an image written since is dropped)."""
+    known = {int(k): v for k, v in (store.meta.get("skipped_images") or {}).items()}
+    known.update(skipped)
+    for i in written:
+        known.pop(int(i), None)
+    if known or store.meta.get("skipped_images"):
+        store.set_meta(skipped_images={str(k): v for k, v in sorted(known.items())})
+
+
+def skipped_images(store: FeatureStore, image_ids) -> dict[int, str]:
+    """Of `image_ids`, those the features stage skipped, with the reason it recorded."""
+    known = store.meta.get("skipped_images") or {}
+    return {int(i): known[str(i)] for i in image_ids if str(i) in known}
 
 
 def _probe_bytes_per_image(model: TaskModel, ref) -> int:
@@ -110,6 +127,7 @@ def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -
         progress.advance(len(res.written) + len(res.skipped))
 
     skipped = {iid: why for r in results for iid, why in r.skipped.items()}
+    record_skipped(store, skipped, [i for r in results for i in r.written])
     secs_model = sum(r.seconds_model for r in results)
     secs_store = sum(r.seconds_store for r in results)
     summary = {
@@ -130,6 +148,7 @@ def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -
     return summary
 
 
+@holds_output_locks("features")
 def run_features(cfg: Config, overwrite: bool = False) -> dict:
     device = resolve_device(cfg.device)
     runner = dask_task_runner(cfg, device)

@@ -20,6 +20,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.common import holds_output_locks
 from flows.precode import precode_table_url
 from mfiba.config import Config
 from storage.manifest import StageManifest, code_version, write_manifest
@@ -330,6 +331,7 @@ def _size_analysis(cfg: Config, split: str, frame, weights, logger):
     return bins, by_size, centre, trend, ""
 
 
+@holds_output_locks("fit")
 def run_fit(cfg: Config) -> dict:
     return fit_flow(cfg.model_dump(mode="json"), cfg.preset)
 

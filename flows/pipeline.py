@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.common import holds_output_locks
 from mfiba.config import Config
 from tasks.methods import TUNED
 
@@ -36,5 +37,6 @@ def pipeline_flow(config: dict, preset: str = "demo") -> dict:
     return results
 
 
+@holds_output_locks("run")
 def run_pipeline(cfg: Config) -> dict:
     return pipeline_flow(cfg.model_dump(mode="json"), cfg.preset)

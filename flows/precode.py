@@ -17,8 +17,8 @@ import dask
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import Progress, dask_task_runner, gpu_annotation, worker_device
-from flows.features import _checkpoint, weights_identity
+from flows.common import Progress, dask_task_runner, gpu_annotation, holds_output_locks, worker_device
+from flows.features import _checkpoint, skipped_images, weights_identity
 from mfiba.config import Config
 from storage.feature_store import FeatureStore
 from storage.manifest import StageManifest, write_manifest
@@ -88,6 +88,11 @@ def precode_flow(config: dict, preset: str = "demo", overwrite: bool = False) ->
     refs = image_refs(cfg, list(cfg.precode.splits))
     in_store = set(store.image_ids())
     selected = [r.image_id for split in cfg.precode.splits for r in refs.get(split, [])]
+    skipped = skipped_images(store, selected)
+    if skipped:
+        logger.warning(f"precode: {len(skipped)} selected images were skipped by the features stage and are left "
+                       "out: " + "; ".join(f"{i}: {why}" for i, why in list(skipped.items())[:10]))
+        selected = [i for i in selected if i not in skipped]
     missing = [i for i in selected if i not in in_store]
     if missing:
         raise RuntimeError(f"{len(missing)} selected images have no features in {store.url} (e.g. {missing[:5]}): "
@@ -140,7 +145,8 @@ def precode_flow(config: dict, preset: str = "demo", overwrite: bool = False) ->
     summary = {"table": f"{out}/table.parquet", "weights": f"{out}/weights.parquet", "images": len(selected),
                "qualities": len(phis), "items": n_items, "computed": computed, "reused": n_items - n_todo,
                "rows": int(len(frame)), "images_with_empty_reference": empty, "tasks": list(tasks), **secs,
-               "workers": sorted({r.worker for r in results if r.written})}
+               "workers": sorted({r.worker for r in results if r.written}),
+               "skipped_images": {str(i): why for i, why in skipped.items()}}
     write_manifest(cfg.resolve_path(cfg.run_dir), StageManifest(
         stage="precode", config_digest=cfg.digest("data", "task_model", "codecs", "precode"),
         input_hashes={"weights": weights, "codec": identity["codec_checkpoint_sha256"],
@@ -164,6 +170,7 @@ def _markdown(summary: dict, weights_frame) -> str:
     return "\n".join(lines)
 
 
+@holds_output_locks("precode")
 def run_precode(cfg: Config, overwrite: bool = False) -> dict:
     device = resolve_device(cfg.device)
     return precode_flow.with_options(task_runner=dask_task_runner(cfg, device))(

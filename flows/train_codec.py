@@ -30,7 +30,7 @@ from pathlib import Path
 import dask
 from prefect import flow, get_run_logger, task
 
-from flows.common import dask_task_runner, gpu_annotation
+from flows.common import dask_task_runner, gpu_annotation, holds_output_locks
 from mfiba.config import CodecSpec, Config
 from storage.manifest import StageManifest, write_manifest
 from storage.urls import atomic_write_text
@@ -237,6 +237,7 @@ def train_codec_flow(config: dict, preset: str = "demo", time_budget_s: float | 
     return results
 
 
+@holds_output_locks("train-codec")
 def run_train_codec(cfg: Config, time_budget_s: float | None = None, local: bool = False) -> dict:
     """Train every learned codec family of the configuration; returns, per family key
     ("<codec>-<trained_on>"): roles, codec (the codec file, None while incomplete),

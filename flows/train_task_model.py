@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from prefect import flow, get_run_logger, task
 
+from flows.common import holds_output_locks
 from mfiba.config import Config
 from storage.manifest import code_version, file_sha256
 from tasks.datasets.sources import open_split, synthetic_spec
@@ -81,5 +82,6 @@ def train_task_model_flow(config: dict, preset: str = "demo", time_budget_s: flo
     return evaluate_task(config, checkpoint, out_dir, sensitivity_images)
 
 
+@holds_output_locks("train-task-model")
 def run_train_task_model(cfg: Config, **kw) -> dict:
     return train_task_model_flow(cfg.model_dump(mode="json"), cfg.preset, **kw)

@@ -24,7 +24,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import dask_task_runner, gpu_annotation, worker_device
+from flows.common import dask_task_runner, gpu_annotation, holds_output_locks, worker_device
 from flows.features import _checkpoint
 from flows.fit import load_current_fit
 from flows.precode import precode_table_url
@@ -131,13 +131,13 @@ def tune_flow(config: dict, preset: str = "demo") -> dict:
     # lambda' per rate point: the allocation's mean predicted bits match the uniform setting's.
     targets = [float(np.mean([predicted_bits(models, uniform_phis(scales, phis[q]), pixels[i]) for i in image_ids]))
                for q in tc.rate_points]
-    mfip_vectors = [method_weights("mfiba", models, mfip[i]) for i in image_ids]
+    mfip_vectors = [method_weights("mfiba", models, mfip[i], image=i) for i in image_ids]
     lambdas = lambda_grid(mfip_vectors, models, [pixels[i] for i in image_ids], targets, phi_range, levels)
 
     def allocating_curve(method: str, m: RateModels, label: str | None = None) -> list[dict]:
         per_point = []
         for lam in lambdas:
-            per_point.append([allocate_phis(method_weights(method, m, mfip.get(i), oracle.get(i)), m, pixels[i], lam,
+            per_point.append([allocate_phis(method_weights(method, m, mfip.get(i), oracle.get(i), image=i), m, pixels[i], lam,
                                             phi_range, levels)[0] for i in image_ids])
         return curve(label or method, per_point)
 
@@ -213,6 +213,7 @@ def load_current_tune(cfg: Config) -> dict:
         raise RuntimeError(f"no tuning results under {base}: run `mfiba tune` first") from e
 
 
+@holds_output_locks("tune")
 def run_tune(cfg: Config) -> dict:
     return tune_flow.with_options(task_runner=dask_task_runner(cfg, resolve_device(cfg.device)))(
         cfg.model_dump(mode="json"), cfg.preset)

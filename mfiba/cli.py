@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
         return 0 if result["state"] == "COMPLETED" else 1
     try:
-        cfg = load_config(args.preset, _overrides(args), smoke=args.smoke)
+        cfg = load_config(args.preset, _overrides(args), smoke=args.smoke, stages=[args.command])
         if args.command in ("features", "precode") and args.images:
             splits = cfg.features.splits if args.command == "features" else cfg.precode.splits
             if len(splits) != 1:
@@ -244,11 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         from flows.features import StaleStoreError
         from flows.train_codec import TrainCodecError
         from flows.fit import FitStageError
+        from storage.locks import OutputLockedError
         from storage.results import StaleTableError
+        from storage.urls import WriteFailedError
 
-        if isinstance(e, (StaleStoreError, TrainCodecError, StaleTableError, FitStageError)):
+        if isinstance(e, (StaleStoreError, TrainCodecError, StaleTableError, FitStageError, OutputLockedError)):
             print(f"mfiba: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, WriteFailedError):  # a full disk: what was being written, and where
+            print(f"mfiba: {e}", file=sys.stderr)
+            return 1
         raise
 
 

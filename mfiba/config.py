@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +23,21 @@ SPLITS = ("train", "calib", "test")
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the user (field, value, what is allowed)."""
+
+
+class FieldProblems(ValueError):
+    """Raised by a validator for values below (or beside) the validated field: each problem
+    is (path, value, reason), the path relative to the field the validator runs on (".phis[3]")
+    or, for the whole configuration, absolute ("tune.rate_points[2]"). `_format_error`
+    prints one line per problem: "codecs.main.phis[3] = 140: avif quality must be in 0..100"."""
+
+    def __init__(self, problems: list[tuple[str, Any, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{p} = {_show(v)}: {r}" for p, v, r in self.problems))
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
 
 
 class _Strict(BaseModel):
@@ -42,6 +59,9 @@ class DataConfig(_Strict):
     # Explicit image ids per split override the seeded random selection by count.
     image_ids: dict[str, list[int]] = Field(default_factory=dict)
     seed: int = 2024
+    # Larger images are skipped with their reason, read from the header before decoding (a
+    # decompression bomb or a mislabelled scan must not take a worker's memory).
+    max_image_pixels: int = Field(50_000_000, ge=1)
 
     @field_validator("coco_images", "coco_instances", "coco_keypoints", "image_ids")
     @classmethod
@@ -81,8 +101,37 @@ class FeaturesConfig(_Strict):
     max_in_flight: int = Field(4, ge=1)
 
 
+# The registered codecs (tasks.codecs.base.available_codecs(); importing the registry pulls in
+# torch, which configuration loading avoids, so the names are listed here and
+# tests/test_config.py checks the two lists agree).
 CODEC_NAMES = ("bmshj2018-hyperprior", "mbt2018-mean", "elic", "elic-chandelier", "mean-scale-vbr",
                "lic-tcm", "avif", "jpegxl", "external")
+# What each codec accepts as phi (checked against the codec classes by tests/test_config.py):
+# learned codecs: their training lambdas (> 0; LearnedCodec refuses others); AVIF and JPEG XL:
+# quality 0..100; external: its options.codec.phi_range (default 0..51, the QP range).
+LEARNED_CODEC_NAMES = ("bmshj2018-hyperprior", "mbt2018-mean", "elic", "elic-chandelier", "mean-scale-vbr",
+                       "lic-tcm")
+QUALITY_RANGES = {"avif": (0.0, 100.0), "jpegxl": (0.0, 100.0)}
+EXTERNAL_PHI_RANGE = (0.0, 51.0)
+
+
+def _phi_problem(name: str, phi: float, options: dict) -> str | None:
+    """Why `phi` is not a rate setting codec `name` accepts (None if it is)."""
+    if name in LEARNED_CODEC_NAMES:
+        return None if phi > 0 else f"{name} phis are training lambdas and must be > 0"
+    if name in QUALITY_RANGES:
+        low, high = QUALITY_RANGES[name]
+        return None if low <= phi <= high else f"{name} quality must be in {low:g}..{high:g}"
+    if name == "external":
+        codec_options = options.get("codec", {}) if isinstance(options, dict) else {}
+        rng = codec_options.get("phi_range", EXTERNAL_PHI_RANGE) if isinstance(codec_options, dict) else None
+        try:
+            low, high = (float(v) for v in rng)
+        except (TypeError, ValueError):
+            return None  # a malformed phi_range is the codec's to refuse, with its own message
+        return None if low <= phi <= high else \
+            f"the external codec's phi must be in its phi_range {low:g}..{high:g} (options.codec.phi_range)"
+    return None
 
 
 class CodecSpec(_Strict):
@@ -105,9 +154,10 @@ class CodecSpec(_Strict):
     @field_validator("phis")
     @classmethod
     def _positive(cls, v: list[float]) -> list[float]:
-        bad = [x for x in v if not x >= 0]
+        bad = [(f"[{i}]", x, "rate settings must be finite and >= 0") for i, x in enumerate(v)
+               if not (math.isfinite(x) and x >= 0)]
         if bad:
-            raise ValueError(f"rate settings must be >= 0, got {bad}")
+            raise FieldProblems(bad)
         return v
 
     @field_validator("phis")
@@ -117,6 +167,14 @@ class CodecSpec(_Strict):
         if sorted(v) != v or len(set(v)) != len(v):
             raise ValueError(f"rate settings must be strictly increasing, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _phis_in_codec_range(self) -> "CodecSpec":
+        bad = [(f".phis[{i}]", phi, why) for i, phi in enumerate(self.phis)
+               if (why := _phi_problem(self.name, phi, self.options))]
+        if bad:
+            raise FieldProblems(bad)
+        return self
 
 
 class CodecsConfig(_Strict):
@@ -198,6 +256,8 @@ class TuneConfig(_Strict):
 
 
 METHODS = ("uniform", "mfiba", "mfiba-finetuned", "static", "saba", "oracle")
+# `load_config(stages=...)` names: the CLI commands; these two run every stage.
+PIPELINE_COMMANDS = ("run", "pipeline")
 
 
 class EvaluateConfig(_Strict):
@@ -265,6 +325,51 @@ class Config(_Strict):
                 raise ValueError(f"data.coco_images has no folder for split(s) {missing}")
         return self
 
+    @model_validator(mode="after")
+    def _consistent_references(self, info: ValidationInfo) -> "Config":
+        """Fields that point into other fields and that only the tune and evaluate stages use
+        (tune.rate_points, tune.saba_quality, evaluate.anchors): checked by `load_config`
+        before any work starts (a pipeline would otherwise meet them at its tune or evaluate
+        stage, hours in). `load_config(stages=...)` limits the check to the stages about to
+        run, so e.g. a precode or train-codec run with a single phi is not refused for rate
+        points it never uses; a Config rebuilt from an already loaded dict (the flows'
+        `Config(**config)`, no validation context) is not checked again."""
+        context = info.context if isinstance(info.context, dict) else None
+        if context is None or "stages" not in context:
+            return self
+        stages = context["stages"]  # None: every stage
+        uses = (lambda *names: True) if stages is None else (lambda *names: bool(set(names) & set(stages)))
+        problems = []
+        phis = self.codecs.main.phis
+        n = len(phis)
+        if n and uses("tune", "evaluate", *PIPELINE_COMMANDS):
+            # (empty phis: build_codec_from_spec refuses them when a stage needs the codec)
+            allowed = f"an index into codecs.main.phis, which has {n} entr{'y' if n == 1 else 'ies'} (0..{n - 1})"
+            problems += [(f"tune.rate_points[{k}]", q, allowed) for k, q in enumerate(self.tune.rate_points)
+                         if not 0 <= q < n]
+            from tasks.methods import TUNED  # the one list of the methods that need the tune stage
+
+            tuned = sorted(TUNED & set(self.evaluate.methods))
+            # The tune stage always measures SABA's sensitivities; a pipeline runs it only for
+            # the methods that need it.
+            tune_named = stages is not None and "tune" in stages
+            if (tune_named or (tuned and uses(*PIPELINE_COMMANDS))) and not 0 <= self.tune.saba_quality < n:
+                why = "SABA's sensitivities" if tune_named else f"evaluate.methods has {tuned}"
+                problems.append(("tune.saba_quality", self.tune.saba_quality,
+                                 f"{allowed}; the tune stage uses it ({why})"))
+        if uses("evaluate", *PIPELINE_COMMANDS):
+            others = sorted(self.codecs.others)
+            problems += [(f"evaluate.anchors[{k}]", a, f"not a label of codecs.others (labels: {others})")
+                         for k, a in enumerate(self.evaluate.anchors) if a not in self.codecs.others]
+            nat = self.evaluate.natural_image_anchor
+            if nat is not None and nat not in self.evaluate.anchors:
+                problems.append(("evaluate.natural_image_anchor", nat,
+                                 f"must be one of evaluate.anchors {self.evaluate.anchors} (its uniform line is "
+                                 "the BD-rate anchor)"))
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
     def resolve_path(self, value: str) -> Path:
         """Relative paths are relative to the repository root, never to the caller's cwd."""
         p = Path(value).expanduser()
@@ -300,6 +405,11 @@ def _format_error(e: ValidationError, source: str) -> str:
         field = ".".join(str(x) for x in err["loc"])
         msg = err["msg"]
         ctx = err.get("ctx") or {}
+        if isinstance(ctx.get("error"), FieldProblems):
+            for path, value, reason in ctx["error"].problems:
+                where = f"{field}{path}" if field else path.lstrip(".")
+                lines.append(f"  {where} = {_show(value)}: {reason}")
+            continue
         if "expected" in ctx and str(ctx["expected"]) not in msg:
             msg = f"{msg} (allowed: {ctx['expected']})"
         lines.append(f"  {field}: {msg}; got {err.get('input')!r}")
@@ -368,8 +478,13 @@ def _read_preset(path: Path, seen: tuple = ()) -> dict:
 
 
 def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | None = None,
-                smoke: bool = False) -> Config:
-    """Load a preset by name (or a YAML path) and apply overrides (dict or 'a.b=value' strings)."""
+                smoke: bool = False, stages: list[str] | tuple[str, ...] | None = None) -> Config:
+    """Load a preset by name (or a YAML path) and apply overrides (dict or 'a.b=value' strings).
+
+    Everything is validated here, before any work starts, including the fields that point
+    into others (tune.rate_points into codecs.main.phis, evaluate.anchors into codecs.others).
+    `stages` (CLI command names, e.g. ["precode"]) limits those cross-references to the ones
+    the named stages use; None (the default) checks them for every stage."""
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"
@@ -390,6 +505,6 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
     for k, v in (overrides or {}).items():
         _set_dotted(raw, k, v)
     try:
-        return Config(**raw)
+        return Config.model_validate(raw, context={"stages": None if stages is None else tuple(stages)})
     except ValidationError as e:
         raise ConfigError(_format_error(e, str(path))) from None

@@ -15,7 +15,9 @@ Why this shape:
   many processes can fill one store concurrently without locks. Shared (root) metadata
   is written only when the store is created or by an explicit ``set_meta`` call.
 - ``complete`` is written after every array, so a crash mid-image leaves a group that
-  ``has_image`` rejects and ``write_image`` replaces.
+  ``has_image`` rejects and ``write_image`` replaces. A failed write (a full disk) does the
+  same and raises an OSError that names the store and the image; every key is written
+  atomically (LocalStore: temporary file + rename), so what is already there stays readable.
 - One chunk per (image, scale) keeps the object count low and makes a scale read a
   single GET on object stores.
 """
@@ -35,7 +37,7 @@ import zarr
 import zarr.api.asynchronous as za
 import zarr.codecs
 
-from storage.urls import is_local, local_path
+from storage.urls import WriteFailedError, is_local, local_path
 from zarr.core.sync import sync  # runs a store coroutine on zarr's own event loop
 from zarr.storage import FsspecStore, LocalStore
 
@@ -264,7 +266,11 @@ class FeatureStore:
         group_attrs.update(image_id=image_id, strides=strides, complete=False)
         group_attrs = _jsonable(group_attrs)
 
-        sync(self._write_group(self._prefix(image_id), group_attrs, arrays))
+        try:
+            sync(self._write_group(self._prefix(image_id), group_attrs, arrays))
+        except OSError as e:
+            raise WriteFailedError.wrap(e, f"image {image_id} to feature store {self.url}",
+                                        "the image is left incomplete and the next run rewrites it") from e
 
     async def _write_group(self, prefix: str, attrs: dict, arrays: dict[str, np.ndarray]) -> None:
         # Remove any previous (possibly half-written) version, including orphan chunks.
@@ -285,7 +291,12 @@ class FeatureStore:
             await arr.setitem(Ellipsis, a)
 
         # Scales are independent keys: write them concurrently (compression runs in threads).
-        await asyncio.gather(*(write_scale(s, a) for s, a in arrays.items()))
+        # Wait for all of them even when one fails, so no write of this attempt is still
+        # running when the error reaches the caller (who may retry the image at once).
+        outcomes = await asyncio.gather(*(write_scale(s, a) for s, a in arrays.items()), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            raise failed[0]
         await g.update_attributes({"complete": True})  # last: marks the image as usable
 
     def has_image(self, image_id: int) -> bool:

@@ -7,8 +7,10 @@ A `PartTable` lives in a folder (local path or fsspec URL):
     <table>/table.parquet         all parts in one file, rebuilt by `consolidate()`
 
 A part that exists is complete (atomic rename), so a killed worker loses only the item it
-held. Opening a table whose identity differs from the caller's refuses (or, with
-`overwrite`, clears the parts): results computed with another codec checkpoint or other
+held, and a failed write (a full disk) leaves no part behind: the error names the table and
+the part, the parts written before it stay, and a rerun writes only what is missing.
+Opening a table whose identity differs from the caller's refuses (or, with `overwrite`,
+clears the parts): results computed with another codec checkpoint or other
 settings are never mixed with new ones.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import re
 import fsspec
 import pandas as pd
 
-from storage.urls import atomic_write_bytes, atomic_write_text, read_bytes
+from storage.urls import WriteFailedError, atomic_write_bytes, atomic_write_text, read_bytes
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_.=-]+")
 
@@ -80,9 +82,13 @@ class PartTable:
         return {n[:-len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith(".")}
 
     def write(self, key: str, frame: pd.DataFrame) -> str:
+        path = self._part(key)
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)
-        return atomic_write_bytes(self._part(key), buf.getvalue())
+        try:
+            return atomic_write_bytes(path, buf.getvalue())
+        except OSError as e:  # the temporary file is gone: no part, and the others are untouched
+            raise WriteFailedError.wrap(e, f"part {key} of {self.url}") from e
 
     def read(self, keys=None) -> pd.DataFrame:
         keys = sorted(self.keys() if keys is None else keys)
@@ -101,7 +107,10 @@ class PartTable:
             frame = frame.sort_values(sort_by, kind="stable", ignore_index=True)
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)
-        atomic_write_bytes(f"{self.url}/table.parquet", buf.getvalue())
+        try:
+            atomic_write_bytes(f"{self.url}/table.parquet", buf.getvalue())
+        except OSError as e:  # the parts stay; consolidating again rebuilds it
+            raise WriteFailedError.wrap(e, f"table.parquet of {self.url}") from e
         return frame
 
     @staticmethod

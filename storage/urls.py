@@ -8,6 +8,23 @@ from pathlib import Path
 import fsspec
 
 
+class WriteFailedError(OSError):
+    """A write to an output failed (disk full, quota, I/O error). Keeps the errno of the
+    failure; the message names what was being written and where, and the original error is
+    chained as its cause."""
+
+    def __init__(self, errno_: int | None, message: str):
+        super().__init__(errno_, message)
+
+    def __str__(self) -> str:  # the message alone, not "[Errno 28] ..."
+        return str(self.strerror)
+
+    @classmethod
+    def wrap(cls, error: OSError, what: str, note: str = "") -> "WriteFailedError":
+        """`writing <what> failed: <reason>[; <note>]`, e.g. reason "No space left on device"."""
+        return cls(error.errno, f"writing {what} failed: {error.strerror or error}" + (f"; {note}" if note else ""))
+
+
 def is_local(url: str | os.PathLike) -> bool:
     url = str(url)
     return "://" not in url or url.startswith("file://")

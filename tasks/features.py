@@ -46,8 +46,11 @@ def _cached_model(name: str, checkpoint: str | None, allow_random: bool, device:
 
 
 def load_tensor(ref: ImageRef) -> torch.Tensor:
-    """The image as a float (3, H, W) tensor in [0, 1]; DatasetError names the file if unreadable."""
-    return image_to_tensor(read_rgb(ref.path, ref.image_id))
+    """The image as a float (3, H, W) tensor in [0, 1]; DatasetError names the file if it is
+    missing, unreadable, too large or not the size its annotations give."""
+    if ref.problem:
+        raise DatasetError(ref.problem)
+    return image_to_tensor(read_rgb(ref.path, ref.image_id, check_size=ref.check_size))
 
 
 def extract_batch(refs: list[ImageRef], settings: ExtractSettings) -> BatchResult:

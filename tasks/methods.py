@@ -20,6 +20,8 @@ cover the same rate range.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,33 +84,58 @@ class RateModels:
         return rate_to_phi(rate, a, b, phi_range, levels)
 
 
-def _vector(mapping: dict[str, float], scales, what: str) -> np.ndarray:
+class UniformWeightsWarning(UserWarning):
+    """An allocating method fell back to uniform weights for an image (all its weights <= 0)."""
+
+
+def _vector(mapping: dict[str, float] | None, scales, what: str) -> np.ndarray:
+    if mapping is None:
+        raise ValueError(f"no {what} given")
     missing = [s for s in scales if s not in mapping]
     if missing:
         raise ValueError(f"{what} has no entry for scale(s) {missing}")
-    return np.array([float(mapping[s]) for s in scales])
+    values = np.array([np.nan if mapping[s] is None else float(mapping[s]) for s in scales])
+    bad = [s for s, v in zip(scales, values) if not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"{what}: scale(s) {bad} are NaN/Inf ({dict(zip(scales, values.tolist()))}); "
+                         "refusing to allocate with them")
+    return values
 
 
 def method_weights(method: str, models: RateModels, mfip: dict[str, float] | None = None,
-                   oracle: dict[str, float] | None = None) -> np.ndarray:
-    """The importance weights an allocating method uses for one image (sum 1)."""
+                   oracle: dict[str, float] | None = None, image=None) -> np.ndarray:
+    """The importance weights an allocating method uses for one image (sum 1).
+
+    NaN or Inf weights are refused (ValueError naming the method, the image when `image` is
+    given, and the scales): no NaN phi can come out of them. Negative weights count as 0 (a
+    finetuning correction can push one below 0); when none is left positive the image gets
+    uniform weights and an `UniformWeightsWarning` says so."""
     scales = models.scales
-    if method == "mfiba":
-        w = _vector(mfip, scales, "MFIP weights")
-    elif method == "mfiba-finetuned":
-        # The paper's search works on weights quantised to 0.01.
-        w = np.round(_vector(mfip, scales, "MFIP weights") + _vector(models.weight_correction, scales,
-                                                                       "weight correction"), 2)
-    elif method == "static":
-        w = _vector(models.static_weights, scales, "static weights")
-    elif method == "saba":
-        w = _vector(models.saba_weights, scales, "SABA weights")
-    elif method == "oracle":
-        w = _vector(oracle, scales, "oracle weights")
-    else:
-        raise ValueError(f"unknown allocating method {method!r}; known: {list(ALLOCATING)}")
+    where = f"{method} weights" + (f" of image {image}" if image is not None else "")
+    try:
+        if method == "mfiba":
+            w = _vector(mfip, scales, "MFIP weights")
+        elif method == "mfiba-finetuned":
+            # The paper's search works on weights quantised to 0.01.
+            w = np.round(_vector(mfip, scales, "MFIP weights") + _vector(models.weight_correction, scales,
+                                                                           "weight correction"), 2)
+        elif method == "static":
+            w = _vector(models.static_weights, scales, "static weights")
+        elif method == "saba":
+            w = _vector(models.saba_weights, scales, "SABA weights")
+        elif method == "oracle":
+            w = _vector(oracle, scales, "oracle weights")
+        else:
+            raise ValueError(f"unknown allocating method {method!r}; known: {list(ALLOCATING)}")
+    except ValueError as e:
+        if image is None:
+            raise
+        raise ValueError(f"{where}: {e}") from None
     w = np.clip(w, 0.0, None)
-    return w / w.sum() if w.sum() > 0 else np.full(len(scales), 1.0 / len(scales))
+    if w.sum() > 0:
+        return w / w.sum()
+    warnings.warn(f"{where}: no weight is positive; using uniform weights", UniformWeightsWarning, stacklevel=2)
+    return np.full(len(scales), 1.0 / len(scales))
 
 
 def allocate_phis(weights, models: RateModels, scale_pixels, lambda_prime: float, phi_range, levels=None
@@ -180,6 +207,27 @@ def rate_models_from_fit(fit: dict, task: str, scales, loss_rate_model: str = "p
                 "allocation.loss_rate_model=pooled, or more calibration images")
         raise ValueError(f"fit {fit.get('version')}, task {task!r}: no usable model for {bad} "
                          f"(see the fit report); try {hint}")
+    # A model marked ok must still carry usable numbers (a fit file's NaN is JSON null): refuse
+    # any that is not, naming it, rather than let a NaN become a phi.
+    params = {name: {k: f.get(k) for k in (("a", "b") if name.startswith("rate-phi") else ("alpha", "beta"))}
+              for name, f in fits.items()}
+    for name, ps in params.items():
+        for k, v in ps.items():
+            if not _finite_number(v) or (k != "b" and not v > 0):
+                raise ValueError(f"fit {fit.get('version')}, task {task!r}: model {name!r} has {k} = {v!r} "
+                                 f"although its status is ok; {k} must be a finite number"
+                                 + ("" if k == "b" else " > 0") + " (refit: `mfiba fit`)")
+    points = {}
+    if "rate_phi_points" in fit:
+        points = {s: tuple(map(tuple, fit["rate_phi_points"][s])) for s in scales if s in fit["rate_phi_points"]}
+    if rate_phi_mode == "interpolated":
+        for s in scales:
+            phis, rates = points.get(s, ((), ()))
+            ok = [p for p, r in zip(phis, rates) if _finite_number(p) and _finite_number(r)]
+            if len(ok) < 2 or len(ok) != len(phis) or len(phis) != len(rates):
+                raise ValueError(f"fit {fit.get('version')}, task {task!r}: rate-phi points of scale {s!r} are "
+                                 f"{list(zip(phis, rates))}; allocation.rate_phi_mode=interpolated needs at least "
+                                 "2, all finite")
     if loss_rate_model == "pooled":
         alpha, beta = (per_task["pooled"]["alpha"],), (per_task["pooled"]["beta"],)
     else:
@@ -188,5 +236,8 @@ def rate_models_from_fit(fit: dict, task: str, scales, loss_rate_model: str = "p
     return RateModels(tuple(scales), alpha, beta,
                       {s: (per_task["rate_phi"][s]["a"], per_task["rate_phi"][s]["b"]) for s in scales},
                       static_weights=dict(per_task["static_weights"]), divisors=divisors,
-                      rate_phi_points={s: tuple(map(tuple, fit["rate_phi_points"][s])) for s in scales}
-                      if "rate_phi_points" in fit else {}, rate_phi_mode=rate_phi_mode)
+                      rate_phi_points=points, rate_phi_mode=rate_phi_mode)
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)

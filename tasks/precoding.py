@@ -23,7 +23,7 @@ import torch
 
 from tasks.codecs.base import FeatureCodec, derive_pool
 from tasks.evaluation.pass_loss import Reference, ground_truth_ap, pass_losses, reference_from_detections
-from tasks.models.registry import SCALES, SplitMeta, TaskModel
+from tasks.models.registry import SCALES, RpnReuse, SplitMeta, TaskModel
 
 
 @dataclass
@@ -60,6 +60,11 @@ def _replace(feats: "OrderedDict[str, torch.Tensor]", scale: str, decoded: torch
     if pool_mode == "derived" and scale == "3":
         out["pool"] = derive_pool(out["3"])
     return out
+
+
+def _changed(scale: str, pool_mode: str) -> set[str]:
+    """The scales a pass that replaces `scale` changes ('pool' follows '3' when derived)."""
+    return {scale, "pool"} if pool_mode == "derived" and scale == "3" else {scale}
 
 
 def lossless_pass(model: TaskModel, image_id: int, feats, meta: SplitMeta, categories, tasks=None,
@@ -129,7 +134,8 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
     stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
     batch_meta = SplitMeta(meta.image_sizes * len(scales), meta.original_sizes * len(scales), meta.batch_shape)
-    dets = model.heads(stacked, batch_meta, tasks=iou_types)  # only the branches the losses need
+    reuse = RpnReuse(model.rpn_head_outputs(feats), [_changed(s, pool_mode) for s in scales])
+    dets = model.heads(stacked, batch_meta, tasks=iou_types, reuse=reuse)  # only the branches the losses need
     t2 = time.perf_counter()
     for s, det in zip(scales, dets):
         row = _row(image_id, s, q, phi, ref, det, model, iou_types, oracle)
@@ -153,7 +159,7 @@ def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, 
     needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
     decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in needed}
     t1 = time.perf_counter()
-    keys, variants = [], []
+    keys, variants, changed = [], [], []
     for mode in pool_modes:
         for s in coded_scales(mode):
             # The two modes differ only when '3' is replaced ('pool' follows it in derived mode).
@@ -161,9 +167,11 @@ def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, 
             if key not in keys:
                 keys.append(key)
                 variants.append(_replace(feats, s, decoded[s][0], mode))
+                changed.append(_changed(s, mode))
     stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
     batch_meta = SplitMeta(meta.image_sizes * len(variants), meta.original_sizes * len(variants), meta.batch_shape)
-    dets = dict(zip(keys, model.heads(stacked, batch_meta, tasks=iou_types)))
+    reuse = RpnReuse(model.rpn_head_outputs(feats), changed)
+    dets = dict(zip(keys, model.heads(stacked, batch_meta, tasks=iou_types, reuse=reuse)))
     t2 = time.perf_counter()
     out = {}
     for mode in pool_modes:

@@ -62,7 +62,8 @@ def test_gpu_tagged_precoding_runs_only_on_the_worker_declaring_a_gpu(tmp_path, 
         args = ["--preset", "demo", "--scheduler-address", address, "--set", f"data.root={tmp_path / 'data'}",
                 "--set", f"run_dir={tmp_path / 'run'}", "--set", "data.train_count=0", "--set", "data.calib_count=4",
                 "--set", "data.test_count=0", "--set", f"features.store={tmp_path / 'f.zarr'}",
-                "--set", "codecs.main.phis=[20, 60]", "--set", "precode.batch_size=1"]
+                "--set", "codecs.main.phis=[20, 60]", "--set", "tune.rate_points=[0, 1]",
+                "--set", "precode.batch_size=1"]
         for stage, extra in (("features", ["--splits", "calib"]), ("precode", ["--set", "dask.gpu_tagging=always"])):
             p = subprocess.run([str(BIN / "mfiba"), stage, *args, *extra], env=cli_env, capture_output=True, text=True,
                                timeout=600, cwd=REPO)

@@ -27,6 +27,7 @@ def _args(tmp_path, stage, calib=2, qualities=2, extra=()):
             "--set", f"data.root={tmp_path.parent / 'data'}", "--set", f"run_dir={tmp_path / 'run'}",
             "--set", "data.train_count=0", "--set", f"data.calib_count={calib}", "--set", "data.test_count=0",
             "--set", f"codecs.main.phis={json.dumps(chosen)}", "--set", "precode.batch_size=1",
+            "--set", "tune.rate_points=[0, 1]",  # the demo's [1..5] point past these phis (refused at load)
             "--set", "precode.tasks=[]",  # every task of the demo model (the demo preset: bbox only)
             "--set", f"features.store={tmp_path.parent / 'features.zarr'}", *extra]
 

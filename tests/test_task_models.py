@@ -83,3 +83,36 @@ def test_random_init_is_the_same_network_in_every_process(name, monkeypatch, tmp
         assert torch.equal(a, b), key
     torch.manual_seed(1)
     assert torch.equal(torch.rand(1), after_first)
+
+
+@pytest.mark.parametrize("name", ["demo-multitask", "fasterrcnn_resnet50_fpn"])
+def test_rpn_reuse_gives_the_same_detections(name, monkeypatch, tmp_path):
+    """Precoding passes change one scale each; reusing the lossless RPN outputs of the other
+    levels must not change a single detection."""
+    from collections import OrderedDict
+
+    from tasks.models.registry import RpnReuse, SplitMeta
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoint = str(Path(__file__).resolve().parents[1] / "assets/demo-task-model/demo_task_model.pt")
+    model = build_task_model(name, checkpoint if name == "demo-multitask" else None, allow_random_weights=True)
+    torch.manual_seed(0)
+    feats, meta = model.features([torch.rand(3, 256, 320)])
+    changed = [{"0"}, {"2"}, {"3", "pool"}, {"pool"}, {"1"}]
+    variants = []
+    for c in changed:
+        v = OrderedDict(feats)
+        for s in c:
+            v[s] = feats[s] + 0.3 * torch.randn_like(feats[s])
+        variants.append(v)
+    stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
+    bm = SplitMeta(meta.image_sizes * len(changed), meta.original_sizes * len(changed), meta.batch_shape)
+    plain = model.heads(stacked, bm, tasks=("bbox",))
+    reused = model.heads(stacked, bm, tasks=("bbox",), reuse=RpnReuse(model.rpn_head_outputs(feats), changed))
+    for a, b in zip(plain, reused):
+        # The same convolutions on the same inputs, but a batch of another size: MKL-DNN may
+        # sum in another order, so the last float bits may differ (nothing more).
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
+    assert model.net.rpn.head.__class__.__name__ == "RPNHead"  # the reusing head is removed again

@@ -181,7 +181,7 @@ def test_train_codec_flow_trains_then_reuses(tmp_path, prefect_server):
             "codecs.others": {"anchor": {**tiny, "trained_on": "rgb"}, "avif": {"name": "avif", "trained_on": "none"}},
             "train_codec.iterations": 2, "train_codec.batch_size": 2, "train_codec.patch_size": 64,
             "train_codec.work_dir": str(tmp_path / "codecs")}
-    cfg = load_config("demo", over)
+    cfg = load_config("demo", over, stages=["train-codec"])  # one lambda: no rate points to tune
     store = FeatureStore(cfg.features.store, mode="w")
     for ref in image_refs(cfg, ["train"])["train"]:
         store.write_image(ref.image_id, _features(ref.image_id), {
@@ -195,7 +195,7 @@ def test_train_codec_flow_trains_then_reuses(tmp_path, prefect_server):
     again = run_train_codec(cfg, local=True)
     assert all(r["reused"] and r["codec"] == out[k]["codec"] for k, r in again.items())
 
-    cfg2 = load_config("demo", {**over, "train_codec.iterations": 3})
+    cfg2 = load_config("demo", {**over, "train_codec.iterations": 3}, stages=["train-codec"])
     third = run_train_codec(cfg2, local=True)
     assert all(not r["reused"] and r["steps"] == 3 for r in third.values())
     assert len(list((tmp_path / "codecs").glob("bmshj2018-hyperprior-features.stale-*"))) == 1

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from storage.bitstream import NO_CHECKPOINT, ScalePayload, StreamHeader, decode_stream, encode_stream
-from tasks.codecs.packing import NormParams, PackInfo, denormalise, normalise, pack, unpack
+from tasks.codecs.errors import CodecError, NonFiniteFeaturesError  # noqa: F401  (the codecs' error types)
+from tasks.codecs.packing import NormParams, PackInfo, check_finite, denormalise, normalise, pack, unpack
 
 _CODECS: dict[str, Callable[..., "FeatureCodec"]] = {}
 
@@ -119,6 +120,7 @@ class FeatureCodec:
             raise ValueError(f"codec {self.name!r}: phi={phi} for scale {scale!r} is outside [{low}, {high}]")
 
     def compress_scale(self, scale: str, x: torch.Tensor, phi: float) -> ScalePayload:
+        check_finite(x, scale)
         self.check_phi(scale, phi)
         y, norm = normalise(x.float(), mode=self.norm_mode)
         mosaic, info = pack(y, stride=self.stride)
@@ -136,6 +138,7 @@ class FeatureCodec:
         """What the decoder would output for this scale, and the estimated bits, without
         writing a stream. Learned codecs run their synthesis on the quantised latent (equal
         to what a rANS round trip decodes; tested); others code for real (bits then exact)."""
+        check_finite(x, scale)
         self.check_phi(scale, phi)
         if hasattr(self, "forward_mosaic"):
             y, norm = normalise(x.float(), mode=self.norm_mode)
@@ -148,10 +151,23 @@ class FeatureCodec:
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
                  derived: Iterable[str] = ()) -> bytes:
         """One image: features {scale: (C, H, W)} -> bitstream bytes. Scales in `derived`
-        (only 'pool' today) cost no payload and are rebuilt by the decoder."""
+        (only 'pool' today) cost no payload and are rebuilt by the decoder.
+
+        Every coded scale is checked before any is coded: NaN or Inf values raise
+        `NonFiniteFeaturesError` (a `CodecError`) naming each bad scale and its count."""
         derived = set(derived)
         if derived - {"pool"}:
             raise ValueError(f"only 'pool' can be derived, got {sorted(derived)}")
+        problems = []
+        for scale, x in features.items():
+            if scale not in derived:
+                try:
+                    check_finite(x, scale)
+                except NonFiniteFeaturesError as e:
+                    problems.append(str(e))
+        if problems:
+            raise NonFiniteFeaturesError("; ".join(problems) if len(problems) == 1 else
+                                         f"{len(problems)} scales cannot be coded: " + "; ".join(problems))
         parts = []
         for scale, x in features.items():
             if scale in derived:

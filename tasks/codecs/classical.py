@@ -41,13 +41,10 @@ import numpy as np
 import torch
 
 from tasks.codecs.base import FeatureCodec, MosaicCode, register_codec
+from tasks.codecs.errors import CodecError  # defined there; re-exported here as before
 
 __all__ = ["CodecError", "AvifCodec", "JpegXlCodec", "ExternalCommandCodec",
            "quantise_mosaic", "dequantise_mosaic", "write_raw_planar", "read_raw_planar"]
-
-
-class CodecError(RuntimeError):
-    """A classical or external codec failed (bad output, failing command, corrupt data)."""
 
 
 # --------------------------------------------------------------------------- samples

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tasks.codecs.errors import NonFiniteFeaturesError
+
 GROUP_SIZE = 3  # codec image channels (RGB)
 DEFAULT_STRIDE = 64  # compressai models need sides divisible by 64
 DEFAULT_CLIP_STD_K = 6.0
@@ -219,13 +221,23 @@ class NormParams:
 
 
 def _describe_non_finite(x: Tensor) -> str | None:
-    if bool(torch.isfinite(x).all()):  # one pass in the common case
+    if not x.is_floating_point() or bool(torch.isfinite(x).all()):  # one pass in the common case
         return None
     nan_count = int(torch.isnan(x).sum())
     inf_count = int(torch.isinf(x).sum())
     if nan_count == 0 and inf_count == 0:
         return None
-    return f"{nan_count} NaN and {inf_count} Inf values"
+    return (f"{nan_count + inf_count} of {x.numel()} feature values are NaN/Inf "
+            f"({nan_count} NaN and {inf_count} Inf values)")
+
+
+def check_finite(x: Tensor, scale: str | None = None) -> None:
+    """Refuse features with NaN or Inf values (`NonFiniteFeaturesError`, a `CodecError` and
+    a `ValueError`), naming the scale and how many values are bad; nothing is coded then."""
+    problem = _describe_non_finite(x)
+    if problem:
+        where = f"scale {scale!r}: " if scale is not None else ""
+        raise NonFiniteFeaturesError(f"{where}{problem}; refusing to code them")
 
 
 def normalise(x: Tensor, mode: str = "minmax", k: float = DEFAULT_CLIP_STD_K) -> tuple[Tensor, NormParams]:
@@ -236,15 +248,17 @@ def normalise(x: Tensor, mode: str = "minmax", k: float = DEFAULT_CLIP_STD_K) ->
                  Rare outliers then no longer squeeze the bulk of the values into a few
                  codec levels.
     A constant tensor gets the range [v, v + 1]: no division by zero, and its samples
-    are all exactly 0, which any quantiser reproduces, so it decodes to exactly v.
+    are all exactly 0, which any quantiser reproduces, so a lossless or exact coding
+    decodes it to exactly v (JPEG XL, AVIF from quality ~70 up); a lossy codec may put the
+    flat plane a little above 0 (AVIF at quality 10: 4/1023, so v + 0.004), never further
+    than the unit range (tests/test_bad_numbers.py).
+    NaN or Inf values are refused (`check_finite`), never mapped into the range.
     """
     if mode not in NORM_MODES:
         raise ValueError(f"unknown normalisation mode {mode!r}; choose one of {NORM_MODES}")
     if x.numel() == 0:
         raise ValueError("cannot normalise an empty tensor")
-    problem = _describe_non_finite(x) if x.is_floating_point() else None
-    if problem:
-        raise ValueError(f"features contain {problem}; refusing to normalise")
+    check_finite(x)
 
     # Statistics and arithmetic in float64: exact for float16/float32 inputs and immune
     # to float32 overflow of (high - low).

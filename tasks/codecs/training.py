@@ -46,8 +46,13 @@ Variable rate (`MeanScaleHyperpriorVbr`, compressai 1.2.8's models/vbr.py)
 
 Checkpoints
     Each rate point trains in its own folder: `last.pt` (weights, both optimisers, step,
-    history) is replaced atomically every `checkpoint_every` steps and at the end, so a killed
-    run loses at most that many steps and a rerun resumes; `history.json` beside it.
+    history and the steps since its last row, the torch RNG state) is replaced atomically
+    every `checkpoint_every` steps and at the end, so a killed run loses at most that many
+    steps and a rerun resumes; `history.json` beside it. The data stream is a function of
+    (seed, step), and the training noise (the entropy models draw it from torch's generator)
+    comes from a generator of the rate point's own, seeded from its seed and saved in
+    last.pt: a CPU run, resumed or not, ends with exactly the same weights and history for
+    the same seed (same thread count; cuDNN autotuning makes GPU runs inexact anyway).
     `train_codec_family` then builds a `LearnedCodec` (which runs `update(force=True)` on CPU
     for the CDF tables) and writes it with `save_codec` (format "mfiba-codec/1") plus
     `curves.json`, `curves.png` and `summary.json`.
@@ -318,6 +323,37 @@ def read_state(work_dir: str | Path) -> dict | None:
     return torch.load(p, map_location="cpu", weights_only=False) if p.exists() else None
 
 
+def _rng_devices(device: str) -> list[int]:
+    """The CUDA device whose generator training uses ([] on CPU)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        d = torch.device(device)
+        return [d.index if d.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    """The generators training draws from, for last.pt."""
+    out = {"torch": torch.get_rng_state()}
+    for index in _rng_devices(device):
+        out["cuda"] = torch.cuda.get_rng_state(index)
+    return out
+
+
+def _set_rng_state(rng: Mapping[str, torch.Tensor] | None, seed: int, step: int, device: str) -> None:
+    """Restore the generators of a last.pt, or seed them from (seed, step): a fresh start, or
+    a last.pt written before the RNG state was saved (resumes, but not bit-exactly)."""
+    if rng and "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+        for index in _rng_devices(device):
+            if "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], index)
+        return
+    derived = int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, np.uint64)[0]) >> 1
+    torch.default_generator.manual_seed(derived)
+    for index in _rng_devices(device):
+        torch.cuda.default_generators[index].manual_seed(derived)
+
+
 def train_rate_point(
     model: nn.Module,
     loader: Iterable[torch.Tensor] | Callable[[int], Iterable[torch.Tensor]],
@@ -369,7 +405,7 @@ def train_rate_point(
     identity = dict(identity or {})
 
     state_path = work_dir / "last.pt"
-    step, history, seconds_before = 0, [], 0.0
+    step, history, seconds_before, rng, pending = 0, [], 0.0, None, {}
     state = read_state(work_dir)
     if state is not None:
         if identity and state.get("identity") not in (None, identity):
@@ -380,6 +416,8 @@ def train_rate_point(
         opt.load_state_dict(state["optimizer"])
         aux_opt.load_state_dict(state["aux_optimizer"])
         step, history, seconds_before = state["step"], state["history"], state.get("seconds", 0.0)
+        rng = state.get("rng")
+        pending = state.get("pending") or {}  # the steps since the last history row
         if step < iterations:
             log(f"resuming at step {step}/{iterations} from {state_path}")
 
@@ -387,7 +425,9 @@ def train_rate_point(
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                       "aux_optimizer": aux_opt.state_dict(), "step": step, "iterations": iterations,
                       "history": history, "lambdas": lams, "variable_rate": vbr, "identity": identity,
-                      "seconds": seconds_before + (time.time() - started)}, state_path)
+                      "seconds": seconds_before + (time.time() - started),
+                      "rng": _rng_state(device), "pending": {"window": window, "by_level": by_level}},
+                     state_path)
         atomic_write_text(work_dir / "history.json", json.dumps(history))
 
     def lr_at(k: int) -> float:
@@ -396,77 +436,83 @@ def train_rate_point(
         return lr
 
     started, step_at_start = time.time(), step
-    window: dict[str, list] = {"loss": [], "bpp": [], "mse": [], "aux": []}
-    by_level: dict[int, dict[str, list]] = {}
+    window: dict[str, list] = pending.get("window") or {"loss": [], "bpp": [], "mse": [], "aux": []}
+    by_level: dict[int, dict[str, list]] = pending.get("by_level") or {}
     guard = DivergenceGuard("codec", log)
     model.train()
     batches: Iterator[torch.Tensor] | None = None
-    while step < iterations:
-        if batches is None:
-            batches = iter(loader(step) if callable(loader) else loader)
-        try:
-            x = next(batches)
-        except StopIteration:
-            batches = None
-            continue
-        x = x.to(device, non_blocking=True)
-        if vbr:
-            if step < stage1_steps:
-                level, stage = len(lams) - 1, 1
-            else:
-                level, stage = int(np.random.default_rng([seed, step]).integers(len(lams))), 2
-            out = model(x, stage=stage, s=level)
-            lam = lams[level]
-        else:
-            level, stage, lam = 0, 0, lams[0]
-            out = model(x)
-        losses = rd_loss(out, x, lam)
-        if not guard.finite(losses["loss"], losses, step):
-            continue
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        aux_opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if clip_max_norm and clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(main_params, clip_max_norm)
-        opt.step()
-        aux = model.aux_loss()
-        aux.backward()
-        aux_opt.step()
-        step += 1
-
-        vals = {k: float(v.detach()) for k, v in losses.items()}
-        vals["aux"] = float(aux.detach())
-        for k in window:
-            window[k].append(vals[k])
-        if vbr and stage == 2:
-            lv = by_level.setdefault(level, {"bpp": [], "mse": []})
-            lv["bpp"].append(vals["bpp"])
-            lv["mse"].append(vals["mse"])
-        if step % log_every == 0 or step == iterations or step == 1:
-            row = {"step": step, **{k: float(np.mean(v)) for k, v in window.items()}, "lr": lr_at(step - 1),
-                   "elapsed_s": round(seconds_before + time.time() - started, 2)}
+    # compressai's entropy models draw their training noise from torch's global generator:
+    # it runs here on a generator of this rate point alone, seeded from (seed, step) on a
+    # fresh start and restored from last.pt on a resume (bit-exact resumption), and the
+    # caller's generator is left as it was.
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        _set_rng_state(rng, seed, step, device)
+        while step < iterations:
+            if batches is None:
+                batches = iter(loader(step) if callable(loader) else loader)
+            try:
+                x = next(batches)
+            except StopIteration:
+                batches = None
+                continue
+            x = x.to(device, non_blocking=True)
             if vbr:
-                row["stage"] = stage
-                row["levels"] = {str(s): {"lambda": lams[s], "bpp": float(np.mean(v["bpp"])),
-                                          "mse": float(np.mean(v["mse"])), "n": len(v["bpp"])}
-                                 for s, v in sorted(by_level.items())}
+                if step < stage1_steps:
+                    level, stage = len(lams) - 1, 1
+                else:
+                    level, stage = int(np.random.default_rng([seed, step]).integers(len(lams))), 2
+                out = model(x, stage=stage, s=level)
+                lam = lams[level]
             else:
-                row["lambda"] = lam
-            history.append(row)
-            window = {k: [] for k in window}
-            by_level = {}
-            if step % (log_every * 10) == 0 or step == 1:
-                log(f"step {step}/{iterations}: loss {row['loss']:.4f} bpp {row['bpp']:.4f} "
-                    f"mse {row['mse']:.3g} aux {row['aux']:.1f}")
-        if step % checkpoint_every == 0:
+                level, stage, lam = 0, 0, lams[0]
+                out = model(x)
+            losses = rd_loss(out, x, lam)
+            if not guard.finite(losses["loss"], losses, step):
+                continue
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            aux_opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if clip_max_norm and clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(main_params, clip_max_norm)
+            opt.step()
+            aux = model.aux_loss()
+            aux.backward()
+            aux_opt.step()
+            step += 1
+
+            vals = {k: float(v.detach()) for k, v in losses.items()}
+            vals["aux"] = float(aux.detach())
+            for k in window:
+                window[k].append(vals[k])
+            if vbr and stage == 2:
+                lv = by_level.setdefault(level, {"bpp": [], "mse": []})
+                lv["bpp"].append(vals["bpp"])
+                lv["mse"].append(vals["mse"])
+            if step % log_every == 0 or step == iterations or step == 1:
+                row = {"step": step, **{k: float(np.mean(v)) for k, v in window.items()}, "lr": lr_at(step - 1),
+                       "elapsed_s": round(seconds_before + time.time() - started, 2)}
+                if vbr:
+                    row["stage"] = stage
+                    row["levels"] = {str(s): {"lambda": lams[s], "bpp": float(np.mean(v["bpp"])),
+                                              "mse": float(np.mean(v["mse"])), "n": len(v["bpp"])}
+                                     for s, v in sorted(by_level.items())}
+                else:
+                    row["lambda"] = lam
+                history.append(row)
+                window = {k: [] for k in window}
+                by_level = {}
+                if step % (log_every * 10) == 0 or step == 1:
+                    log(f"step {step}/{iterations}: loss {row['loss']:.4f} bpp {row['bpp']:.4f} "
+                        f"mse {row['mse']:.3g} aux {row['aux']:.1f}")
+            if step % checkpoint_every == 0:
+                save_state()
+            if time_budget_s is not None and time.time() - started > time_budget_s and step < iterations:
+                log(f"time budget of {time_budget_s:.0f} s spent at step {step}/{iterations}; rerun to resume")
+                break
+        if step != step_at_start or not state_path.exists():
             save_state()
-        if time_budget_s is not None and time.time() - started > time_budget_s and step < iterations:
-            log(f"time budget of {time_budget_s:.0f} s spent at step {step}/{iterations}; rerun to resume")
-            break
-    if step != step_at_start or not state_path.exists():
-        save_state()
     return {"step": step, "iterations": iterations, "complete": step >= iterations,
             "seconds": round(seconds_before + time.time() - started, 2),
             "last": history[-1] if history else None}

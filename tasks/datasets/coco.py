@@ -103,18 +103,26 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def read_rgb(path: str | Path, image_id: int | None = None) -> Image.Image:
+def read_rgb(path: str | Path, image_id: int | None = None, check_size=None) -> Image.Image:
     """An image file as 8-bit RGB; DatasetError names the file (and image id, when given) for
-    a missing, unreadable or truncated one."""
+    a missing, unreadable or truncated one. `check_size(width, height)` runs on the header,
+    before any pixel is decoded."""
     path = Path(path)
     which = f" (image id {image_id})" if image_id is not None else ""
     if not path.is_file():
-        raise DatasetError(f"{path}: image file not found{which}")
+        raise DatasetError(f"{path}: image file not found{which}" +
+                           (" (the path is a directory)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: empty file (0 bytes){which}")
     try:
         with Image.open(path) as img:
+            if check_size is not None:
+                check_size(*img.size)
             img.load()  # decodes now, so truncated or corrupt data raises here
             return _to_rgb8(img)
-    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+    except DatasetError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
         raise DatasetError(f"{path}: unreadable or truncated image{which}: {e}") from e
 
 

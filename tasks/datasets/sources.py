@@ -21,6 +21,18 @@ class ImageRef:
     image_id: int
     path: str
     file_name: str
+    size: tuple[int, int] | None = None  # (width, height) the annotations give
+    max_pixels: int | None = None
+    problem: str = ""  # known before reading (an id the annotations lack): skipped with this reason
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse an image the annotations cannot describe, or one too large to decode safely."""
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise DatasetError(f"{self.path}: image is {width}x{height} = {width * height} pixels, over "
+                               f"data.max_image_pixels = {self.max_pixels} (image id {self.image_id})")
+        if self.size is not None and (width, height) != tuple(self.size):
+            raise DatasetError(f"{self.path}: image is {width}x{height} but the annotations say "
+                               f"{self.size[0]}x{self.size[1]} (image id {self.image_id})")
 
 
 def synthetic_spec(cfg: Config) -> SyntheticSpec:
@@ -52,7 +64,8 @@ def open_split(cfg: Config, split: str, progress=None) -> CocoDataset:
                        cfg.resolve_path(keypoints) if keypoints else None)
 
 
-def select_split(cfg: Config, split: str, dataset: CocoDataset, exclude: set[int] = frozenset()) -> list[int]:
+def select_split(cfg: Config, split: str, dataset: CocoDataset, exclude: set[int] = frozenset(),
+                 skip: set[int] = frozenset()) -> list[int]:
     """The split's image ids: explicit ids, else a seeded subset by count.
 
     `exclude` keeps splits drawn from the same COCO set (train and calib both come from
@@ -60,7 +73,7 @@ def select_split(cfg: Config, split: str, dataset: CocoDataset, exclude: set[int
     """
     ids = cfg.data.image_ids.get(split)
     if ids:
-        return dataset.select(ids=ids)
+        return dataset.select(ids=[i for i in ids if i not in skip])
     count = cfg.data.count(split)
     if cfg.data.source == "synthetic":
         return sorted(dataset.image_ids)[:count]
@@ -71,6 +84,12 @@ def select_split(cfg: Config, split: str, dataset: CocoDataset, exclude: set[int
 
     rng = np.random.default_rng([cfg.data.seed, ("train", "calib", "test").index(split)])
     return sorted(int(i) for i in rng.choice(pool, size=count, replace=False))
+
+
+def _ref(split: str, ds: CocoDataset, image_id: int, max_pixels: int) -> ImageRef:
+    info = ds.image_info(image_id)
+    size = (int(info["width"]), int(info["height"])) if "width" in info and "height" in info else None
+    return ImageRef(split, image_id, str(ds.image_dir / info["file_name"]), info["file_name"], size, max_pixels)
 
 
 def image_refs(cfg: Config, splits: list[str], progress=None) -> dict[str, list[ImageRef]]:
@@ -86,11 +105,16 @@ def image_refs(cfg: Config, splits: list[str], progress=None) -> dict[str, list[
             continue
         ds = open_split(cfg, split, progress)
         exclude = chosen.get("train", set()) if split == "calib" else set()
-        ids = select_split(cfg, split, ds, exclude)
+        # Explicitly listed ids the annotations lack are skipped with that reason, not fatal:
+        # the run goes on with the others and reports them.
+        known = set(ds.image_ids)
+        unknown = [i for i in cfg.data.image_ids.get(split, []) if i not in known]
+        ids = select_split(cfg, split, ds, exclude, skip=set(unknown))
         chosen[split] = set(ids)
         if split in splits:
-            out[split] = [ImageRef(split, i, str(ds.image_dir / ds.image_info(i)["file_name"]),
-                                   ds.image_info(i)["file_name"]) for i in ids]
+            out[split] = [_ref(split, ds, i, cfg.data.max_image_pixels) for i in ids] + [
+                ImageRef(split, i, "", "", problem=f"{ds.instances_json}: image id {i} not in 'images' "
+                                                  f"(listed in data.image_ids.{split})") for i in unknown]
     # The feature store is keyed by image id, and calibration must be held out: no image
     # may belong to two splits.
     names = sorted(chosen)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tasks.evaluation.coco_eval import detections_to_coco, evaluate
+from tasks.evaluation.fast_ap import bbox_ap_one_image
 
 REFERENCE_SCORE = 0.5
 
@@ -59,9 +60,19 @@ def pass_losses(reference: Reference, image_id: int, det: dict, iou_type: str,
             "keypoints" in a for a in reference.gt["annotations"]):
         return 0.0, 0.0
     results = detections_to_coco(image_id, det, keypoint_category_ids)
-    stats = evaluate(reference.gt, results, iou_type, image_ids=[int(image_id)])
+    ap, ap75 = one_image_ap(reference.gt, image_id, results, iou_type)
     # NaN: the reference has no objects of an evaluated kind; nothing to lose.
-    return tuple(0.0 if not np.isfinite(stats[k]) else float(1.0 - stats[k]) for k in ("AP", "AP75"))
+    return tuple(0.0 if not np.isfinite(v) else float(1.0 - v) for v in (ap, ap75))
+
+
+def one_image_ap(gt: dict, image_id: int, results: list[dict], iou_type: str) -> tuple[float, float]:
+    """(AP@[.5:.95], AP@.75) of one image: boxes through the exact fast path (no COCO
+    indexes; tasks/evaluation/fast_ap.py), masks and keypoints through COCOeval."""
+    if iou_type == "bbox":
+        anns = [a for a in gt["annotations"] if int(a["image_id"]) == int(image_id)]
+        return bbox_ap_one_image(anns, results, [c["id"] for c in gt["categories"]])
+    stats = evaluate(gt, results, iou_type, image_ids=[int(image_id)])
+    return float(stats["AP"]), float(stats["AP75"])
 
 
 def pass_loss(reference: Reference, image_id: int, det: dict, iou_type: str, keypoint_category_ids=()) -> float:
@@ -72,6 +83,4 @@ def pass_loss(reference: Reference, image_id: int, det: dict, iou_type: str, key
 def ground_truth_ap(gt: dict, image_id: int, det: dict, iou_type: str, keypoint_category_ids=()) -> tuple[float, float]:
     """(AP@[.5:.95], AP@.75) of detections against the image's real annotations: the oracle
     the authors' code uses for importance labels (NaN when the image has nothing of that kind)."""
-    results = detections_to_coco(image_id, det, keypoint_category_ids)
-    stats = evaluate(gt, results, iou_type, image_ids=[int(image_id)])
-    return float(stats["AP"]), float(stats["AP75"])
+    return one_image_ap(gt, image_id, detections_to_coco(image_id, det, keypoint_category_ids), iou_type)

@@ -754,9 +754,20 @@ def tail_sections(bits: pd.DataFrame, timing: pd.DataFrame, figures: dict[str, s
     return "\n".join(lines)
 
 
+def skipped_section(skipped: dict[int, str], selected: int) -> str:
+    """The test images left out, each with the reason the features stage recorded."""
+    if not skipped:
+        return ""
+    rows = pd.DataFrame([{"image_id": i, "reason": why.replace("|", "/")} for i, why in sorted(skipped.items())])
+    return "\n".join([f"## Skipped images ({len(skipped)} of {selected} selected test images)", "",
+                      "Left out of every number above; the reason is what the features stage recorded.", "",
+                      _md_table(rows, 0), ""])
+
+
 def compose_report(body: str, run: dict, bits: pd.DataFrame, timing: pd.DataFrame, figures: dict[str, str],
-                   caveats: list[str]) -> str:
-    """The page a person opens: title, what was run, the tables of `markdown_report`, then
-    where the bits go, timing, figures and caveats."""
+                   caveats: list[str], skipped: dict[int, str] | None = None, selected: int = 0) -> str:
+    """The page a person opens: title, what was run, the tables of `markdown_report`, the
+    skipped images, then where the bits go, timing, figures and caveats."""
     title, _, rest = body.partition("\n")
-    return "\n".join([title, "", run_section(run), rest.lstrip("\n"), tail_sections(bits, timing, figures, caveats)])
+    return "\n".join([title, "", run_section(run), rest.lstrip("\n"), skipped_section(skipped or {}, selected),
+                      tail_sections(bits, timing, figures, caveats)])
