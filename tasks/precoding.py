@@ -115,7 +115,7 @@ def precode_reference(model: TaskModel, codec: FeatureCodec, image_id: int, feat
 
 def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
                     phi: float, ref: Reference, iou_types=("bbox",), pool_mode: str = "coded",
-                    real_bits: bool = False, oracle: Oracle | None = None) -> PrecodeResult:
+                    real_bits: bool = False, oracle: Oracle | None = None, decoded=None) -> PrecodeResult:
     """All scales of one image at one quality: decoded features from the codec's synthesis
     of the quantised latent (no entropy coder), the passes stacked into one batch through
     only the head branches the losses need. `real_bits` also entropy-codes each scale for
@@ -128,7 +128,7 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
         # A classical codec has no latent to synthesise: decode the real stream once.
         decoded = {s: (codec.decompress_scale(p), float(8 * sum(len(x) for x in p.strings)))
                    for s, p in payloads.items()}
-    else:
+    elif decoded is None:  # else given: reconstructed for every quality at once (decode_all_qualities)
         decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in scales}
     t1 = time.perf_counter()
     variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
@@ -149,15 +149,23 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     return res
 
 
+def decode_all_qualities(codec: FeatureCodec, feats, scales, phis) -> list[dict]:
+    """Per quality, {scale: (decoded features, estimated bits)} without entropy coding; a
+    variable-rate codec shares its phi-independent work between the qualities."""
+    per_scale = {s: codec.reconstruct_scale_multi(s, feats[s][0], phis) for s in scales}
+    return [{s: per_scale[s][q] for s in scales} for q in range(len(phis))]
+
+
 def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
                           phi: float, ref: Reference, iou_types=("bbox",), pool_modes=("coded", "derived"),
-                          oracle: Oracle | None = None) -> dict[str, PrecodeResult]:
+                          oracle: Oracle | None = None, decoded=None) -> dict[str, PrecodeResult]:
     """`precode_quality` for several 'pool' modes at once: the codec runs once per scale and
     a pass shared by the modes (scales '0', '1', '2') runs once; derived mode adds only its
     own '3' pass (with 'pool' rebuilt from the decoded '3')."""
     t0 = time.perf_counter()
     needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
-    decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in needed}
+    if decoded is None:
+        decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in needed}
     t1 = time.perf_counter()
     keys, variants, changed = [], [], []
     for mode in pool_modes:
@@ -192,8 +200,12 @@ def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     """No entropy coder; the passes of one quality run as one batch through the heads."""
     ref, _ = lossless_pass(model, image_id, feats, meta, categories, tasks=iou_types)
     res = PrecodeResult(reference_empty=ref.empty)
+    t0 = time.perf_counter()
+    decoded = decode_all_qualities(codec, feats, coded_scales(pool_mode), phis)
+    res.seconds_codec += time.perf_counter() - t0
     for q, phi in enumerate(phis):
-        res.add(precode_quality(model, codec, image_id, feats, meta, q, phi, ref, iou_types, pool_mode))
+        res.add(precode_quality(model, codec, image_id, feats, meta, q, phi, ref, iou_types, pool_mode,
+                                decoded=decoded[q]))
     return res
 
 

@@ -37,3 +37,18 @@ def test_missing_checkpoint_names_the_field(tmp_path):
         build_codec_from_spec(spec, "main", CFG.resolve_path)
     with pytest.raises(ValueError, match="codecs.others.x.phis is empty"):
         build_codec_from_spec(spec.model_copy(update={"phis": []}), "x", CFG.resolve_path)
+
+
+@pytest.mark.parametrize("role", ["vbr", "hyperprior", "main"])
+def test_reconstruct_at_all_qualities_equals_one_at_a_time(role):
+    """Precoding decodes every quality at once (the VBR model's analysis runs once): the
+    result must be what `reconstruct_scale` gives quality by quality, bit for bit."""
+    spec = CFG.codecs.others[role] if role != "main" else CFG.codecs.main
+    codec = build_codec_from_spec(spec, role, CFG.resolve_path)
+    feats = _demo_features()
+    phis = list(spec.phis[:4])
+    for scale in ("1", "pool"):
+        together = codec.reconstruct_scale_multi(scale, feats[scale], phis)
+        for phi, (x, bits) in zip(phis, together):
+            x1, bits1 = codec.reconstruct_scale(scale, feats[scale], phi)
+            assert torch.equal(x, x1) and bits == pytest.approx(bits1, rel=1e-12, abs=0)

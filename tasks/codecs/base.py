@@ -148,6 +148,20 @@ class FeatureCodec:
         payload = self.compress_scale(scale, x, phi)
         return self.decompress_scale(payload), float(8 * sum(len(s) for s in payload.strings))
 
+    def reconstruct_scale_multi(self, scale: str, x: torch.Tensor, phis) -> list[tuple[torch.Tensor, float | None]]:
+        """`reconstruct_scale` at several phis: one normalisation and packing, and, for a
+        codec with `forward_mosaic_multi` (variable-rate learned ones), what does not depend
+        on phi computed once."""
+        if not hasattr(self, "forward_mosaic_multi"):
+            return [self.reconstruct_scale(scale, x, phi) for phi in phis]
+        check_finite(x, scale)
+        for phi in phis:
+            self.check_phi(scale, phi)
+        y, norm = normalise(x.float(), mode=self.norm_mode)
+        mosaic, info = pack(y, stride=self.stride)
+        return [(denormalise(unpack(x_hat.clamp(0, 1), info), norm), bits)
+                for x_hat, bits in self.forward_mosaic_multi(mosaic, phis)]
+
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
                  derived: Iterable[str] = ()) -> bytes:
         """One image: features {scale: (C, H, W)} -> bitstream bytes. Scales in `derived`

@@ -105,7 +105,8 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
 
     from storage.results import PartTable
     from tasks.importance import mfip_table
-    from tasks.precoding import lossless_pass, one_image_gt, precode_quality_modes
+    from tasks.models.registry import SCALES
+    from tasks.precoding import coded_scales, decode_all_qualities, lossless_pass, one_image_gt, precode_quality_modes
     from tasks.rd import load_stored_image
 
     table = PartTable(settings.weights_url, json.loads(settings.weights_identity))
@@ -119,9 +120,11 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
     ref, oracle = lossless_pass(model, image_id, image.feats, image.meta, dataset.categories, settings.tasks,
                                 one_image_gt(dataset, image_id) if settings.oracle else None)
     rows = {m: [] for m in pool_modes}
+    needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
+    decoded = decode_all_qualities(codec, image.feats, needed, settings.phis)
     for q, phi in enumerate(settings.phis):
         for mode, res in precode_quality_modes(model, codec, image_id, image.feats, image.meta, q, phi, ref,
-                                               settings.tasks, pool_modes, oracle).items():
+                                               settings.tasks, pool_modes, oracle, decoded=decoded[q]).items():
             rows[mode] += res.rows
     frames = []
     for mode in pool_modes:
