@@ -98,12 +98,49 @@ def _bench_mfip_codec(cfg, spec, images: int, repeats: int) -> dict:
                      "one_encode_decode_s": t_one, "batched_over_one_encode_decode": t_batch / t_one,
                      "max_weight_difference": max_diff})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "image_id"}
+    image_id, feats, meta = inputs[0]
+    profile = _profile(lambda: precode_batched(model, codec, image_id, feats, meta, phis, categories, ("bbox",),
+                                               pool_mode))
     return {"inputs": {"images": [r["image_id"] for r in rows], "qualities": len(phis), "coded_scales": n,
                        "task": "bbox", "codec": spec.name, "repeats": repeats,
-                       "loop": "real rANS encode+decode per pass, full heads one pass at a time",
-                       "batched": "synthesis of the quantised latent, passes of one quality stacked, box-only heads"},
-            "per_image": rows, "median": med,
+                       "loop": "real entropy coding and decoding per pass, full heads one pass at a time, "
+                               "losses by COCOeval",
+                       "batched": "synthesis of the quantised latent (a VBR codec's analysis once for all "
+                                  "qualities), passes of one quality stacked, box-only heads, RPN head only on "
+                                  "the changed level, exact one-image box AP"},
+            "per_image": rows, "median": med, "profile_batched": profile,
             "goals": {"speedup_at_least": 5.0, "over_one_encode_decode_at_most": 4.0}}
+
+
+# torch operator -> the part of the precoding it belongs to (for the profile's shares).
+PROFILE_GROUPS = {"conv2d / conv_transpose2d (codec transforms, RPN head)": ("conv",),
+                  "roi_align (box head input, one per pass)": ("roi_align",),
+                  "linear (box head MLP, one per pass)": ("addmm", "linear", "matmul", "mm"),
+                  "nms (RPN proposals and detections)": ("nms",)}
+
+
+def _profile(fn) -> dict:
+    """Self CPU time of one call by operator group, with the leading operators: where the
+    batched path's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = time.perf_counter() - t0
+    events = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    total = sum(t for _, t in events) or 1.0
+    groups = {g: 0.0 for g in PROFILE_GROUPS}
+    for key, t in events:
+        for g, words in PROFILE_GROUPS.items():
+            if any(w in key for w in words):
+                groups[g] += t
+                break
+    groups["other operators and Python"] = max(0.0, wall - sum(groups.values()))
+    top = sorted(events, key=lambda e: -e[1])[:8]
+    return {"wall_s": wall, "operator_s": total,
+            "share_percent": {g: 100.0 * t / wall for g, t in groups.items()},
+            "top_operators_s": {k: round(t, 4) for k, t in top}}
 
 
 def bench_allocation(cfg, images: int = 8, repeats: int = 200) -> dict:
@@ -337,6 +374,11 @@ def markdown(results: dict) -> str:
                   f"{m['one_encode_decode_s']:.3f} | {m['batched_over_one_encode_decode']:.1f} | "
                   f"{m['max_weight_difference']:.1e} |", "",
                   f"Inputs: {json.dumps(m_all['inputs'])}. Rerun: `python -m benchmarks.bench --only mfip`.", ""]
+        prof = m_all.get("profile_batched")
+        if prof:
+            lines += [f"Profile of the batched path (torch profiler, one image, {prof['wall_s']:.2f} s wall):", "",
+                      "| part | share of wall time % |", "|---|---|"]
+            lines += [f"| {g} | {v:.0f} |" for g, v in prof["share_percent"].items()] + [""]
     if "allocation" in results:
         a = results["allocation"]
         lines += ["## Allocation", "", "| closed form ms/image | budget (bisection) ms/image | rate control mean abs error % "

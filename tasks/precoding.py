@@ -4,10 +4,12 @@ lossless output. Backbone once per image; m x (number of coded scales) head pass
 
 Two implementations with the same results:
 - `precode_reference`: the straightforward loop (each pass coded with real entropy coding,
-  heads one pass at a time); kept as the reference in tests;
+  heads one pass at a time, losses through COCOeval); kept as the reference in tests;
 - `precode_batched`: decoded features from the codec's synthesis of the quantised latent (no
-  entropy coder; equal to what rANS decodes), the head passes of one quality stacked into
-  one batch, and only the head branches the requested losses need (box-only for bbox).
+  entropy coder; equal to what rANS decodes; a variable-rate codec's analysis once for all
+  qualities), the head passes of one quality stacked into one batch through only the head
+  branches the losses need (box-only for bbox), the RPN head run only on the level a pass
+  changed (RpnReuse), and box losses by the exact one-image AP (fast_ap) instead of COCOeval.
 In derived-'pool' mode there are 4 coded scales and the distortion of '3' reaches 'pool'.
 """
 from __future__ import annotations
@@ -80,10 +82,11 @@ def lossless_pass(model: TaskModel, image_id: int, feats, meta: SplitMeta, categ
     return ref, Oracle(gt, aps)
 
 
-def _row(image_id, scale, q, phi, ref, det, model, iou_types, oracle: Oracle | None) -> dict:
+def _row(image_id, scale, q, phi, ref, det, model, iou_types, oracle: Oracle | None, cocoeval: bool = False) -> dict:
     row = {"image_id": int(image_id), "scale": scale, "quality": q, "phi": float(phi)}
     for iou in iou_types:
-        row[f"loss_{iou}"], row[f"loss75_{iou}"] = pass_losses(ref, image_id, det, iou, model.keypoint_category_ids)
+        row[f"loss_{iou}"], row[f"loss75_{iou}"] = pass_losses(ref, image_id, det, iou, model.keypoint_category_ids,
+                                                               cocoeval)
         if oracle is not None:
             ap, ap75 = ground_truth_ap(oracle.gt, image_id, det, iou, model.keypoint_category_ids)
             base, base75 = oracle.lossless_ap[iou]
@@ -93,7 +96,8 @@ def _row(image_id, scale, q, phi, ref, det, model, iou_types, oracle: Oracle | N
 
 def precode_reference(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, phis,
                       categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
-    """The straightforward loop: real entropy coding per pass, heads one pass at a time."""
+    """The straightforward loop: real entropy coding per pass, heads one pass at a time,
+    losses through pycocotools' COCOeval."""
     res = PrecodeResult()
     ref, _ = lossless_pass(model, image_id, feats, meta, categories)
     res.reference_empty = ref.empty
@@ -105,7 +109,7 @@ def precode_reference(model: TaskModel, codec: FeatureCodec, image_id: int, feat
             t1 = time.perf_counter()
             det = model.heads(_replace(feats, scale, decoded, pool_mode), meta)[0]
             t2 = time.perf_counter()
-            res.rows.append({**_row(image_id, scale, q, phi, ref, det, model, iou_types, None),
+            res.rows.append({**_row(image_id, scale, q, phi, ref, det, model, iou_types, None, cocoeval=True),
                              "bits": payload.bits, "estimated_bits": None})
             res.seconds_codec += t1 - t0
             res.seconds_heads += t2 - t1

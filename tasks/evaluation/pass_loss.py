@@ -50,25 +50,26 @@ def reference_from_detections(image_id: int, det: dict, height: int, width: int,
 
 
 def pass_losses(reference: Reference, image_id: int, det: dict, iou_type: str,
-                keypoint_category_ids=()) -> tuple[float, float]:
+                keypoint_category_ids=(), cocoeval: bool = False) -> tuple[float, float]:
     """(1 - AP@[.5:.95], 1 - AP@.75) of one pass's detections against the reference
     (0 for an empty one): the loss the allocation uses, and the one the paper's Table 1
-    also fits."""
+    also fits. `cocoeval`: through pycocotools even for boxes (the reference loop)."""
     if reference.empty:
         return 0.0, 0.0
     if iou_type == "keypoints" and not any(
             "keypoints" in a for a in reference.gt["annotations"]):
         return 0.0, 0.0
     results = detections_to_coco(image_id, det, keypoint_category_ids)
-    ap, ap75 = one_image_ap(reference.gt, image_id, results, iou_type)
+    ap, ap75 = one_image_ap(reference.gt, image_id, results, iou_type, cocoeval)
     # NaN: the reference has no objects of an evaluated kind; nothing to lose.
     return tuple(0.0 if not np.isfinite(v) else float(1.0 - v) for v in (ap, ap75))
 
 
-def one_image_ap(gt: dict, image_id: int, results: list[dict], iou_type: str) -> tuple[float, float]:
+def one_image_ap(gt: dict, image_id: int, results: list[dict], iou_type: str,
+                 cocoeval: bool = False) -> tuple[float, float]:
     """(AP@[.5:.95], AP@.75) of one image: boxes through the exact fast path (no COCO
     indexes; tasks/evaluation/fast_ap.py), masks and keypoints through COCOeval."""
-    if iou_type == "bbox":
+    if iou_type == "bbox" and not cocoeval:
         anns = [a for a in gt["annotations"] if int(a["image_id"]) == int(image_id)]
         return bbox_ap_one_image(anns, results, [c["id"] for c in gt["categories"]])
     stats = evaluate(gt, results, iou_type, image_ids=[int(image_id)])
