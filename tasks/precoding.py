@@ -8,8 +8,9 @@ Two implementations with the same results:
 - `precode_batched`: decoded features from the codec's synthesis of the quantised latent (no
   entropy coder; equal to what rANS decodes; a variable-rate codec's analysis once for all
   qualities), the head passes of one quality stacked into one batch through only the head
-  branches the losses need (box-only for bbox), the RPN head run only on the level a pass
-  changed (RpnReuse), and box losses by the exact one-image AP (fast_ap) instead of COCOeval.
+  branches the losses need (box-only for bbox), what a pass did not change (RPN levels, box
+  features of unchanged proposals) taken from the lossless pass (PassReuse), and box losses
+  by the exact one-image AP (fast_ap) instead of COCOeval.
 In derived-'pool' mode there are 4 coded scales and the distortion of '3' reaches 'pool'.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from tasks.codecs.base import FeatureCodec, derive_pool
 from tasks.evaluation.pass_loss import Reference, ground_truth_ap, pass_losses, reference_from_detections
-from tasks.models.registry import SCALES, RpnReuse, SplitMeta, TaskModel
+from tasks.models.registry import SCALES, PassReuse, SplitMeta, TaskModel
 
 
 @dataclass
@@ -119,7 +120,8 @@ def precode_reference(model: TaskModel, codec: FeatureCodec, image_id: int, feat
 
 def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
                     phi: float, ref: Reference, iou_types=("bbox",), pool_mode: str = "coded",
-                    real_bits: bool = False, oracle: Oracle | None = None, decoded=None) -> PrecodeResult:
+                    real_bits: bool = False, oracle: Oracle | None = None, decoded=None,
+                    reuse: PassReuse | None = None) -> PrecodeResult:
     """All scales of one image at one quality: decoded features from the codec's synthesis
     of the quantised latent (no entropy coder), the passes stacked into one batch through
     only the head branches the losses need. `real_bits` also entropy-codes each scale for
@@ -138,7 +140,7 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
     stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
     batch_meta = SplitMeta(meta.image_sizes * len(scales), meta.original_sizes * len(scales), meta.batch_shape)
-    reuse = RpnReuse(model.rpn_head_outputs(feats), [_changed(s, pool_mode) for s in scales])
+    reuse = (reuse or PassReuse(model, feats, meta)).for_passes([_changed(s, pool_mode) for s in scales])
     dets = model.heads(stacked, batch_meta, tasks=iou_types, reuse=reuse)  # only the branches the losses need
     t2 = time.perf_counter()
     for s, det in zip(scales, dets):
@@ -162,7 +164,8 @@ def decode_all_qualities(codec: FeatureCodec, feats, scales, phis) -> list[dict]
 
 def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
                           phi: float, ref: Reference, iou_types=("bbox",), pool_modes=("coded", "derived"),
-                          oracle: Oracle | None = None, decoded=None) -> dict[str, PrecodeResult]:
+                          oracle: Oracle | None = None, decoded=None,
+                          reuse: PassReuse | None = None) -> dict[str, PrecodeResult]:
     """`precode_quality` for several 'pool' modes at once: the codec runs once per scale and
     a pass shared by the modes (scales '0', '1', '2') runs once; derived mode adds only its
     own '3' pass (with 'pool' rebuilt from the decoded '3')."""
@@ -182,7 +185,7 @@ def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, 
                 changed.append(_changed(s, mode))
     stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
     batch_meta = SplitMeta(meta.image_sizes * len(variants), meta.original_sizes * len(variants), meta.batch_shape)
-    reuse = RpnReuse(model.rpn_head_outputs(feats), changed)
+    reuse = (reuse or PassReuse(model, feats, meta)).for_passes(changed)
     dets = dict(zip(keys, model.heads(stacked, batch_meta, tasks=iou_types, reuse=reuse)))
     t2 = time.perf_counter()
     out = {}
@@ -207,9 +210,10 @@ def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     t0 = time.perf_counter()
     decoded = decode_all_qualities(codec, feats, coded_scales(pool_mode), phis)
     res.seconds_codec += time.perf_counter() - t0
+    reuse = PassReuse(model, feats, meta)
     for q, phi in enumerate(phis):
         res.add(precode_quality(model, codec, image_id, feats, meta, q, phi, ref, iou_types, pool_mode,
-                                decoded=decoded[q]))
+                                decoded=decoded[q], reuse=reuse))
     return res
 
 

@@ -8,9 +8,10 @@ test_pipeline_flow.py::test_evaluate_killed_midway_resumes_to_identical_results)
 codec training and precoding.
 
 The kill point: a target number of finished items (checkpointed training steps, precode
-parts) drawn with `random.Random(KILL_SEED)` between 1 and total - 1, plus a drawn delay so
-the kill lands between two items; every assertion message names the draw. Set
-MFIBA_KILL_SEED to try other points.
+parts) drawn with `random.Random(KILL_SEED)` from 1 to a margin before the end (so the run
+is still going when the kill lands), plus a drawn delay so the kill lands between two items;
+the number done at the kill is asserted to be in [1, total), and every assertion message
+names the draw. Set MFIBA_KILL_SEED to try other points.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from storage.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 MFIBA = str(Path(sys.executable).with_name("mfiba"))
@@ -60,12 +63,11 @@ def _kill_when(args, env, progress, target: int, total: int, delay_s: float, dra
     return done
 
 
-def _no_partial_files(folder: Path, draw: str) -> list[Path]:
-    """Every visible file under folder is whole (json parses, parquet and .pt load); returns
-    the hidden temp files an interrupted atomic write may leave (never read as results)."""
+def _no_partial_files(folder: Path, draw: str) -> None:
+    """Every visible file under folder is whole (json parses, parquet and .pt load); hidden
+    ones are only locks and the temp files of interrupted atomic writes (never read)."""
     import torch
 
-    temps = []
     for p in sorted(folder.rglob("*")):
         if not p.is_file():
             continue
@@ -73,14 +75,12 @@ def _no_partial_files(folder: Path, draw: str) -> list[Path]:
             # A stage's lock file (storage/locks.py; the rerun must not be blocked by it) or
             # the temp file of an atomic write the kill interrupted.
             assert p.name.endswith((".tmp", ".lock", ".lock.json")), f"{draw}: unexpected hidden file {p}"
-            temps += [p] if p.name.endswith(".tmp") else []
         elif p.suffix == ".json":
             json.loads(p.read_text())
         elif p.suffix == ".parquet":
             pd.read_parquet(io.BytesIO(p.read_bytes()))
         elif p.suffix == ".pt":
             torch.load(p, map_location="cpu", weights_only=False)
-    return temps
 
 
 # --------------------------------------------------------------------------- codec training
@@ -151,6 +151,57 @@ def _history(rp: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in read_state(rp)["history"]]
 
 
+def test_codec_training_resumes_bit_exactly_and_leaves_the_callers_rng_alone(tmp_path):
+    """In process, fast: a rate point that dies at step 5 (last checkpoint: step 4, one step
+    after a history row) and is resumed, with the global torch generator disturbed in
+    between, ends with the weights and history of an uninterrupted run: last.pt carries the
+    training noise's generator and the steps since the last history row. The caller's
+    generator is left as it was."""
+    import torch
+    from compressai.models import ScaleHyperprior
+
+    from storage.feature_store import FeatureStore
+    from tasks.codecs.training import MosaicDataset, make_loader, read_state, train_rate_point
+
+    url = str(tmp_path / "f.zarr")
+    store = FeatureStore(url, mode="w")
+    for iid in (7, 8):
+        g = np.random.default_rng(iid)
+        store.write_image(iid, {s: g.standard_normal((64, n, n)).astype(np.float32) for s, n in SIZES.items()},
+                          {"split": "train", "file_name": f"{iid:012d}.png", "input_size": [64, 64],
+                           "model_input_size": [64, 64], "strides": STRIDES})
+    loader = make_loader(MosaicDataset(url, [7, 8], patch_size=64), 2, seed=0)
+
+    def dies_at_step_6(start_step):
+        for n, batch in enumerate(loader(start_step)):
+            if n == 5:
+                raise RuntimeError("killed")
+            yield batch
+
+    def run(folder, batches=loader, log=lambda m: None):
+        torch.manual_seed(0)  # the same initial weights
+        model = ScaleHyperprior(16, 24)
+        before = torch.get_rng_state()
+        try:
+            return train_rate_point(model, batches, 0.013, 6, 1e-4, 1e-3, tmp_path / folder, checkpoint_every=2,
+                                    log_every=3, seed=3, log=log)
+        finally:
+            assert torch.equal(torch.get_rng_state(), before)
+
+    run("clean")
+    with pytest.raises(RuntimeError, match="killed"):
+        run("resumed", dies_at_step_6)
+    assert read_state(tmp_path / "resumed")["step"] == 4
+    torch.rand(1000)  # whatever the process drew meanwhile does not matter
+    msgs = []
+    assert run("resumed", log=msgs.append)["step"] == 6 and "resuming at step 4/6" in " ".join(msgs)
+    clean, resumed = read_state(tmp_path / "clean"), read_state(tmp_path / "resumed")
+    assert [r["step"] for r in resumed["history"]] == [1, 3, 6]
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in clean["history"]]
+    assert strip == [{k: v for k, v in r.items() if k != "elapsed_s"} for r in resumed["history"]]
+    assert all(torch.equal(v, resumed["model"][k]) for k, v in clean["model"].items())
+
+
 @pytest.mark.slow
 def test_train_codec_killed_midway_resumes_to_identical_weights(tmp_path, cli_env):
     """`mfiba train-codec` (one family, two rate points) SIGKILLed after a seeded number of
@@ -175,6 +226,7 @@ def test_train_codec_killed_midway_resumes_to_identical_weights(tmp_path, cli_en
     _no_partial_files(tmp_path / "killed", draw)
     states = [read_state(rp) for rp in _rate_points(fam)]
     at_kill = [s["step"] if s else 0 for s in states]
+    assert sum(at_kill) == done, draw
     for s in states:
         if s is not None:  # history.json and last.pt agree; history rows strictly increasing
             steps = [r["step"] for r in s["history"]]
@@ -201,6 +253,7 @@ def test_train_codec_killed_midway_resumes_to_identical_weights(tmp_path, cli_en
     assert codec.checkpoint_sha256 == reference.checkpoint_sha256, draw
     assert (r["bpp"], r["mse"]) == (c["bpp"], c["mse"]), draw
     _no_partial_files(tmp_path / "killed", draw)
+    assert read_manifest(tmp_path / "run-killed", "train-codec").items_done == 1, draw
 
 
 # --------------------------------------------------------------------------- precoding
@@ -252,3 +305,4 @@ def test_precode_killed_midway_resumes_to_identical_table(tmp_path, cli_env):
     b = pd.read_parquet(summary["table"]).drop(columns=TIMING)
     pd.testing.assert_frame_equal(a, b, obj=draw)
     pd.testing.assert_frame_equal(pd.read_parquet(reference["weights"]), pd.read_parquet(summary["weights"]), obj=draw)
+    assert read_manifest(killed / "run", "precode").items_done == total, draw

@@ -86,12 +86,12 @@ def test_random_init_is_the_same_network_in_every_process(name, monkeypatch, tmp
 
 
 @pytest.mark.parametrize("name", ["demo-multitask", "fasterrcnn_resnet50_fpn"])
-def test_rpn_reuse_gives_the_same_detections(name, monkeypatch, tmp_path):
+def test_pass_reuse_gives_the_same_detections(name, monkeypatch, tmp_path):
     """Precoding passes change one scale each; reusing the lossless RPN outputs of the other
-    levels must not change a single detection."""
+    levels and the box outputs of unchanged proposals must not change a detection."""
     from collections import OrderedDict
 
-    from tasks.models.registry import RpnReuse, SplitMeta
+    from tasks.models.registry import PassReuse, SplitMeta
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     checkpoint = str(Path(__file__).resolve().parents[1] / "assets/demo-task-model/demo_task_model.pt")
@@ -108,11 +108,15 @@ def test_rpn_reuse_gives_the_same_detections(name, monkeypatch, tmp_path):
     stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
     bm = SplitMeta(meta.image_sizes * len(changed), meta.original_sizes * len(changed), meta.batch_shape)
     plain = model.heads(stacked, bm, tasks=("bbox",))
-    reused = model.heads(stacked, bm, tasks=("bbox",), reuse=RpnReuse(model.rpn_head_outputs(feats), changed))
+    reuse = PassReuse(model, feats, meta, changed)
+    reused = model.heads(stacked, bm, tasks=("bbox",), reuse=reuse)
+    assert 0 < reuse.computed_rows < reuse.total_rows  # some proposals reused, some computed
     for a, b in zip(plain, reused):
         # The same convolutions on the same inputs, but a batch of another size: MKL-DNN may
         # sum in another order, so the last float bits may differ (nothing more).
         assert torch.equal(a["labels"], b["labels"])
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-3)
         torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=1e-5)
-    assert model.net.rpn.head.__class__.__name__ == "RPNHead"  # the reusing head is removed again
+    rh = model.net.roi_heads  # the reusing parts are removed again
+    assert model.net.rpn.head.__class__.__name__ == "RPNHead" and rh.box_roi_pool.__class__.__name__ == \
+        "MultiScaleRoIAlign" and rh.box_head.__class__.__name__ != "Identity"

@@ -105,7 +105,7 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
 
     from storage.results import PartTable
     from tasks.importance import mfip_table
-    from tasks.models.registry import SCALES
+    from tasks.models.registry import SCALES, PassReuse
     from tasks.precoding import coded_scales, decode_all_qualities, lossless_pass, one_image_gt, precode_quality_modes
     from tasks.rd import load_stored_image
 
@@ -122,9 +122,11 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
     rows = {m: [] for m in pool_modes}
     needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
     decoded = decode_all_qualities(codec, image.feats, needed, settings.phis)
+    reuse = PassReuse(model, image.feats, image.meta)
     for q, phi in enumerate(settings.phis):
         for mode, res in precode_quality_modes(model, codec, image_id, image.feats, image.meta, q, phi, ref,
-                                               settings.tasks, pool_modes, oracle, decoded=decoded[q]).items():
+                                               settings.tasks, pool_modes, oracle, decoded=decoded[q],
+                                               reuse=reuse).items():
             rows[mode] += res.rows
     frames = []
     for mode in pool_modes:

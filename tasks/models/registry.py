@@ -9,6 +9,7 @@ version without rerunning the backbone:
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -66,20 +67,15 @@ class TaskModel:
         return feats, meta
 
     @torch.no_grad()
-    def rpn_head_outputs(self, feats: "OrderedDict[str, torch.Tensor]") -> tuple[list, list]:
-        """The RPN head's (objectness, box deltas) per level of one image's features."""
-        return self.net.rpn.head([feats[k].to(self.device) for k in SCALES])
-
-    @torch.no_grad()
     def heads(self, feats: "OrderedDict[str, torch.Tensor]", meta: SplitMeta, tasks=None,
-              reuse: "RpnReuse | None" = None) -> list[dict]:
+              reuse: "PassReuse | None" = None) -> list[dict]:
         """Detections from features. `tasks` (e.g. ("bbox",)) runs only the branches those
         tasks need: boxes are identical either way, and mask and keypoint branches are most
         of the head time (demo model: 0.06 s box-only vs 0.34 s all, per 256-px image).
         `reuse`: a batch of precoding passes that each changed only some scales of one
-        image; the RPN head runs only on the changed levels (see RpnReuse)."""
+        image; what did not change is taken from the lossless pass (see PassReuse)."""
         if reuse is not None:
-            with reuse.installed(self.net.rpn):
+            with reuse.installed(self.net):
                 return self.heads(feats, meta, tasks)
         if tasks is not None:
             with self._only_branches(tasks):
@@ -116,38 +112,71 @@ class TaskModel:
         return self.heads(feats, meta)
 
 
-class RpnReuse:
-    """The RPN head runs on each level separately, so for a batch of passes over one image
-    in which pass b changed only the scales in changed[b], every other level's output is the
-    lossless one: computed once per image and copied, the head runs only where a pass
-    changed its input (the precoding's m x scales passes then cost about m full RPN heads
-    instead of m x scales). Exact: the same convolutions on the same inputs."""
+class PassReuse:
+    """What a batch of precoding passes over one image can take from the lossless pass.
 
-    def __init__(self, lossless: tuple[list, list], changed: list[set[str]]):
-        self.lossless, self.changed = lossless, [set(c) for c in changed]
+    Pass b changed only the scales in changed[b]. Two parts of the heads work per level or
+    per proposal, so their lossless results carry over exactly:
+    - the RPN head runs on each level separately: a level a pass did not change has the
+      lossless objectness and deltas (computed once and copied), so the precoding's
+      m x scales passes cost about m full RPN heads instead of m x scales;
+    - a proposal equal (same coordinates) to a lossless one and pooled from a level the pass
+      did not change has the lossless box features, hence the lossless class logits and box
+      deltas: the RoI pooling and box head run only on the other proposals.
+    The same operations on the same inputs: equal up to the last float bits that a batch of
+    another size can change in MKL-DNN's sums (tested)."""
+
+    def __init__(self, model: "TaskModel", feats: "OrderedDict[str, torch.Tensor]", meta: SplitMeta,
+                 changed: list[set[str]] | None = None):
+        from torchvision.models.detection.image_list import ImageList
+
+        self.changed = [set(c) for c in changed or []]
+        net = model.net
+        feats = OrderedDict((k, feats[k].to(model.device)) for k in SCALES)
+        with torch.no_grad():
+            self.rpn_outputs = net.rpn.head(list(feats.values()))
+            dummy = torch.empty((1, 3, *meta.batch_shape), device=model.device)
+            image_list = ImageList(dummy, [tuple(s) for s in meta.image_sizes])
+            proposals, _ = net.rpn(image_list, feats)
+            rh = net.roi_heads
+            logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, proposals, image_list.image_sizes)))
+        self.n_classes = logits.shape[1]
+        self.lossless_boxes = torch.cat([logits, deltas], dim=1)
+        self.lossless_index = {row.tobytes(): i for i, row in enumerate(proposals[0].cpu().numpy())}
+        self.computed_rows = 0  # box-path rows actually run, for the benchmark's accounting
+        self.total_rows = 0
+
+    def for_passes(self, changed: list[set[str]]) -> "PassReuse":
+        """The same lossless results for another batch of passes (one image, any quality)."""
+        other = copy.copy(self)
+        other.changed = [set(c) for c in changed]
+        return other
 
     @contextlib.contextmanager
-    def installed(self, rpn):
-        head = rpn.head
-        rpn.head = _ReusingHead(head, self)
+    def installed(self, net):
+        rpn, rh = net.rpn, net.roi_heads
+        saved = rpn.head, rh.box_roi_pool, rh.box_head, rh.box_predictor
+        rpn.head = _ReusingRpnHead(saved[0], self)
+        rh.box_roi_pool = _ReusingBoxPath(saved[1], saved[2], saved[3], self)
+        rh.box_head, rh.box_predictor = nn.Identity(), _SplitPredictions(self.n_classes)
         try:
             yield
         finally:
-            rpn.head = head
+            rpn.head, rh.box_roi_pool, rh.box_head, rh.box_predictor = saved
 
 
-class _ReusingHead(nn.Module):
-    def __init__(self, head: nn.Module, reuse: RpnReuse):
+class _ReusingRpnHead(nn.Module):
+    def __init__(self, head: nn.Module, reuse: PassReuse):
         super().__init__()
         self.head, self.reuse = head, reuse
 
     def forward(self, x: list[torch.Tensor]):
         n = x[0].shape[0]
         if n != len(self.reuse.changed):
-            raise ValueError(f"RpnReuse: {len(self.reuse.changed)} passes described, batch has {n}")
+            raise ValueError(f"PassReuse: {len(self.reuse.changed)} passes described, batch has {n}")
         logits, deltas = [], []
         for level, (scale, feature) in enumerate(zip(SCALES, x)):
-            base_logits, base_deltas = self.reuse.lossless[0][level], self.reuse.lossless[1][level]
+            base_logits, base_deltas = self.reuse.rpn_outputs[0][level], self.reuse.rpn_outputs[1][level]
             out_logits = base_logits.expand(n, *base_logits.shape[1:]).clone()
             out_deltas = base_deltas.expand(n, *base_deltas.shape[1:]).clone()
             rows = [b for b, c in enumerate(self.reuse.changed) if scale in c]
@@ -157,6 +186,50 @@ class _ReusingHead(nn.Module):
             logits.append(out_logits)
             deltas.append(out_deltas)
         return logits, deltas
+
+
+class _ReusingBoxPath(nn.Module):
+    """Stands in for RoIHeads' box_roi_pool -> box_head -> box_predictor chain: returns the
+    class logits and box deltas side by side (_SplitPredictions separates them again)."""
+
+    def __init__(self, pool: nn.Module, head: nn.Module, predictor: nn.Module, reuse: PassReuse):
+        super().__init__()
+        self.pool, self.head, self.predictor, self.reuse = pool, head, predictor, reuse
+
+    def forward(self, features, proposals: list[torch.Tensor], image_shapes):
+        reuse = self.reuse
+        names = list(self.pool.featmap_names)
+        counts = [len(p) for p in proposals]
+        out = reuse.lossless_boxes.new_empty((sum(counts), reuse.lossless_boxes.shape[1]))
+        need, offset = [], 0
+        for b, boxes in enumerate(proposals):
+            levels = self.pool.map_levels([boxes]).tolist()  # set up by the lossless pass
+            rows = boxes.cpu().numpy()
+            for i in range(len(boxes)):
+                j = reuse.lossless_index.get(rows[i].tobytes())
+                if j is None or names[levels[i]] in reuse.changed[b]:
+                    need.append((b, i))
+                else:
+                    out[offset + i] = reuse.lossless_boxes[j]
+            offset += len(boxes)
+        reuse.computed_rows += len(need)
+        reuse.total_rows += len(out)
+        if need:
+            subsets = [proposals[b][[i for bb, i in need if bb == b]] for b in range(len(proposals))]
+            logits, deltas = self.predictor(self.head(self.pool(features, subsets, image_shapes)))
+            starts = [sum(counts[:b]) for b in range(len(counts))]
+            where = torch.tensor([starts[b] + i for b, i in need], device=out.device)
+            out[where] = torch.cat([logits, deltas], dim=1)
+        return out
+
+
+class _SplitPredictions(nn.Module):
+    def __init__(self, n_classes: int):
+        super().__init__()
+        self.n_classes = n_classes
+
+    def forward(self, x: torch.Tensor):
+        return x[:, :self.n_classes], x[:, self.n_classes:]
 
 
 _REGISTRY: dict[str, Callable[..., TaskModel]] = {}
