@@ -212,6 +212,10 @@ def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 3) -> dict
     tensors = [load_tensor(r) for r in refs]
     batches = [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
     t_backbone = timed(lambda: [model.features(b) for b in batches], repeats)[0]
+    # The features stage must read the images either way: storage overhead is measured
+    # against reading + backbone, with the same chunking as extract_batch.
+    t_read_backbone = timed(lambda: [model.features([load_tensor(r) for r in refs[k:k + 2]])
+                                     for k in range(0, len(refs), 2)], repeats)[0]
     stored, raw = [], 0
     for f in model.features(tensors[:1])[0].values():
         raw += f[0].numel() * 2  # float16
@@ -226,9 +230,14 @@ def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 3) -> dict
 
     t_store = timed(extract, repeats)[0]
     return {"inputs": {"images": len(refs), "batch": batch, "repeats": repeats, "threads": 1,
-                       "note": "image decoding included in extraction, not in backbone-only"},
-            "backbone_images_per_s": len(refs) / t_backbone, "extract_into_zarr_images_per_s": len(refs) / t_store,
-            "storage_overhead_percent": 100.0 * (t_store - t_backbone) / t_backbone,
+                       "note": "storage overhead: extraction into zarr (writes in a writer thread, "
+                               "overlapped with the next chunk's backbone) against reading + backbone; "
+                               "backbone-only excludes reading the images"},
+            "backbone_images_per_s": len(refs) / t_backbone,
+            "read_and_backbone_images_per_s": len(refs) / t_read_backbone,
+            "extract_into_zarr_images_per_s": len(refs) / t_store,
+            "storage_overhead_percent": 100.0 * (t_store - t_read_backbone) / t_read_backbone,
+            "overhead_over_backbone_only_percent": 100.0 * (t_store - t_backbone) / t_backbone,
             "store_bytes_per_image": float(np.median(stored)), "raw_float16_bytes_per_image": raw,
             "compression_ratio": raw / float(np.median(stored)), "goals": {"overhead_percent_below": 15.0}}
 

@@ -7,6 +7,7 @@ image starts, so a killed worker loses at most the images it held.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -53,7 +54,7 @@ def load_tensor(ref: ImageRef) -> torch.Tensor:
     return image_to_tensor(read_rgb(ref.path, ref.image_id, check_size=ref.check_size))
 
 
-def extract_batch(refs: list[ImageRef], settings: ExtractSettings) -> BatchResult:
+def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: int = 2) -> BatchResult:
     """Extract and store the features of a batch of images; unreadable images are skipped
     with their reason (the run goes on)."""
     import socket
@@ -74,24 +75,36 @@ def extract_batch(refs: list[ImageRef], settings: ExtractSettings) -> BatchResul
     groups: dict[tuple[int, int], list[tuple[ImageRef, torch.Tensor]]] = {}
     for ref, img in loaded:
         groups.setdefault(tuple(img.shape[-2:]), []).append((ref, img))
-    for items in groups.values():
-        t0 = time.perf_counter()
-        feats, meta = model.features([img for _, img in items])
-        t1 = time.perf_counter()
-        for i, (ref, img) in enumerate(items):
-            per_image = {s: feats[s][i].float().cpu().numpy() for s in SCALES}
-            attrs = {
-                "split": ref.split, "file_name": ref.file_name,
-                "input_size": list(meta.original_sizes[i]),
-                "model_input_size": list(meta.image_sizes[i]),
-                "batch_shape": list(meta.batch_shape),
-                "strides": {s: STRIDES[s] for s in SCALES},
-            }
+    # The store writes of one chunk run in a writer thread while the model computes the next
+    # chunk (zarr's encoding and file I/O release the GIL for the most part); every write has
+    # finished, and its failure is recorded, before the batch returns.
+    chunks = [items[k:k + write_chunk] for items in groups.values() for k in range(0, len(items), write_chunk)]
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
+        for items in chunks:
+            t0 = time.perf_counter()
+            feats, meta = model.features([img for _, img in items])
+            result.seconds_model += time.perf_counter() - t0
+            for i, (ref, img) in enumerate(items):
+                per_image = {s: feats[s][i].float().cpu().numpy() for s in SCALES}
+                attrs = {
+                    "split": ref.split, "file_name": ref.file_name,
+                    "input_size": list(meta.original_sizes[i]),
+                    "model_input_size": list(meta.image_sizes[i]),
+                    "batch_shape": list(meta.batch_shape),
+                    "strides": {s: STRIDES[s] for s in SCALES},
+                }
+                pending.append((ref, writer.submit(_timed_write, store, ref.image_id, per_image, attrs)))
+        for ref, future in pending:
             try:
-                store.write_image(ref.image_id, per_image, attrs)
+                result.seconds_store += future.result()
                 result.written.append(ref.image_id)
             except ValueError as e:  # non-finite features: recorded, never stored
                 result.skipped[ref.image_id] = str(e)
-        result.seconds_model += t1 - t0
-        result.seconds_store += time.perf_counter() - t1
     return result
+
+
+def _timed_write(store: FeatureStore, image_id: int, per_image: dict, attrs: dict) -> float:
+    t0 = time.perf_counter()
+    store.write_image(image_id, per_image, attrs)
+    return time.perf_counter() - t0

@@ -403,9 +403,9 @@ class LearnedCodec(FeatureCodec):
     def forward_mosaic_multi(self, mosaic: torch.Tensor, phis) -> list[tuple[torch.Tensor, float]]:
         """`forward_mosaic` at several phis of one mosaic. For compressai's
         MeanScaleHyperpriorVbr the gain acts only where y is quantised: analysis, hyper
-        analysis, z and hyper synthesis do not depend on phi and run once, then the m
-        quantised latents go through the synthesis as one batch (precoding's m qualities
-        cost one analysis instead of m). Same arithmetic as its stage-2 forward (tested)."""
+        analysis, z and hyper synthesis do not depend on phi and run once; only the
+        quantisation and the synthesis run per quality (precoding's m qualities cost one
+        analysis instead of m). Same arithmetic as its stage-2 forward (tested)."""
         phis = [float(p) for p in phis]
         model = self.models[0]
         if not (self.variable_rate and type(model).__name__ == "MeanScaleHyperpriorVbr"
@@ -437,7 +437,9 @@ class LearnedCodec(FeatureCodec):
                 y_hats.append((signs * (q_abs + q_offsets)) * rescale + means_hat)
                 _, y_likelihoods = model.gaussian_conditional(y * scale, scales_hat * scale, means=means_hat * scale)
                 y_bits.append(float(-torch.log2(y_likelihoods.double()).sum()))
-            x_hats = model.g_s(torch.cat(y_hats))
+            # One synthesis per quality: stacking them into one batch was slower on CPU
+            # (measured: 1.23 s against 8 x 0.11 s for the demo's 8 qualities).
+            x_hats = [model.g_s(y_hat)[0] for y_hat in y_hats]
         return [(x_hats[k].clamp(0, 1), y_bits[k] + z_bits) for k in range(len(phis))]
 
     def estimate_bits(self, mosaic: torch.Tensor, phi: float) -> float:
