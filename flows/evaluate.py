@@ -44,9 +44,14 @@ from tasks.models.registry import build_task_model
 from tasks.precoding import coded_scales
 
 
-@task(name="online-weights", retries=2, retry_delay_seconds=2, task_run_name="mfip-image-{image_id}")
-def weights_task(settings: EvalSettings, image_id: int, pool_modes: tuple[str, ...]):
-    return online_weights(settings, image_id, pool_modes)
+@task(name="online-weights", retries=2, retry_delay_seconds=2, task_run_name="mfip-images-{first}-to-{last}")
+def weights_task(settings: EvalSettings, image_ids: list[int], pool_modes: tuple[str, ...], first: int, last: int):
+    # A few images per task: Prefect's per-task bookkeeping is not small against 2 s of work;
+    # each image is still its own table part (resumable per image).
+    return [online_weights(settings, i, pool_modes) for i in image_ids]
+
+
+WEIGHTS_IMAGES_PER_TASK = 4
 
 
 @task(name="encode", retries=2, retry_delay_seconds=2, task_run_name="encode-image-{image_id}")
@@ -157,11 +162,12 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     logger.info(f"evaluate: {len(image_ids)} test images, pool modes {list(modes)}; online weights: "
                 f"{len(image_ids) - len(todo)} cached, {len(todo)} to compute")
     progress = Progress(logger, "online MFIP weights (images)", len(todo))
+    groups = [todo[k:k + WEIGHTS_IMAGES_PER_TASK] for k in range(0, len(todo), WEIGHTS_IMAGES_PER_TASK)]
     with dask.annotate(**gpu_annotation(cfg, device)):
-        futures = [weights_task.submit(settings, i, modes) for i in todo]
-    for f in futures:
+        futures = [weights_task.submit(settings, g, modes, g[0], g[-1]) for g in groups]
+    for f, g in zip(futures, groups):
         f.result()
-        progress.advance(1)
+        progress.advance(len(g))
     weights = weights_table.read([weights_key(i, modes) for i in image_ids])
 
     # 2. The plan: one entry per (image, method, rate point, pool mode).

@@ -112,7 +112,7 @@ def test_pass_reuse_gives_the_same_detections(name, monkeypatch, tmp_path):
     plain = model.heads(stacked, bm, tasks=("bbox",))
     reuse = PassReuse(model, feats, meta, changed)
     reused = model.heads(stacked, bm, tasks=("bbox",), reuse=reuse)
-    assert 0 < reuse.computed_rows < reuse.total_rows  # some proposals reused, some computed
+    assert 0 < reuse.rows["computed"] < reuse.rows["total"]  # some proposals reused, some computed
     for a, b in zip(plain, reused):
         # The same convolutions on the same inputs, but a batch of another size: MKL-DNN may
         # sum in another order, so the last float bits may differ (nothing more).

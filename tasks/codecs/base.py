@@ -163,9 +163,12 @@ class FeatureCodec:
                 for x_hat, bits in self.forward_mosaic_multi(mosaic, phis)]
 
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
-                 derived: Iterable[str] = ()) -> bytes:
+                 derived: Iterable[str] = (), payloads: dict | None = None) -> bytes:
         """One image: features {scale: (C, H, W)} -> bitstream bytes. Scales in `derived`
-        (only 'pool' today) cost no payload and are rebuilt by the decoder.
+        (only 'pool' today) cost no payload and are rebuilt by the decoder. `payloads`: a
+        dict kept by the caller across streams of the same features, so a scale coded at the
+        same phi again (the uniform anchor in both pool modes) reuses its payload (codecs are
+        deterministic: the same bytes).
 
         Every coded scale is checked before any is coded: NaN or Inf values raise
         `NonFiniteFeaturesError` (a `CodecError`) naming each bad scale and its count."""
@@ -188,8 +191,13 @@ class FeatureCodec:
                 parts.append(ScalePayload(scale=scale, feature_shape=tuple(x.shape), packing={}, norm=b"",
                                           phi=0.0, strings=[], latent_shape=(), derived=True))
             else:
-                p = phi if isinstance(phi, (int, float)) else phi[scale]
-                parts.append(self.compress_scale(scale, x, p))
+                p = float(phi if isinstance(phi, (int, float)) else phi[scale])
+                if payloads is None:
+                    parts.append(self.compress_scale(scale, x, p))
+                else:
+                    if (scale, p) not in payloads:
+                        payloads[(scale, p)] = self.compress_scale(scale, x, p)
+                    parts.append(payloads[(scale, p)])
         return encode_stream(StreamHeader(codec=self.name, checkpoint_sha256=self.checkpoint_sha256), parts)
 
     def decompress(self, data: bytes) -> "OrderedDict[str, torch.Tensor]":

@@ -143,8 +143,8 @@ class PassReuse:
         self.n_classes = logits.shape[1]
         self.lossless_boxes = torch.cat([logits, deltas], dim=1)
         self.lossless_index = {row.tobytes(): i for i, row in enumerate(proposals[0].cpu().numpy())}
-        self.computed_rows = 0  # box-path rows actually run, for the benchmark's accounting
-        self.total_rows = 0
+        # Box-path rows run and rows in all, over every batch of this image (shared by for_passes).
+        self.rows = {"computed": 0, "total": 0}
 
     def for_passes(self, changed: list[set[str]]) -> "PassReuse":
         """The same lossless results for another batch of passes (one image, any quality)."""
@@ -212,8 +212,8 @@ class _ReusingBoxPath(nn.Module):
                 else:
                     out[offset + i] = reuse.lossless_boxes[j]
             offset += len(boxes)
-        reuse.computed_rows += len(need)
-        reuse.total_rows += len(out)
+        reuse.rows["computed"] += len(need)
+        reuse.rows["total"] += len(out)
         if need:
             subsets = [proposals[b][[i for bb, i in need if bb == b]] for b in range(len(proposals))]
             logits, deltas = self.predictor(self.head(self.pool(features, subsets, image_shapes)))
