@@ -34,7 +34,8 @@ def test_features_on_an_external_scheduler_and_worker(tmp_path, cli_env):
         p = subprocess.run([str(BIN / "mfiba"), "features", "--preset", "demo", "--scheduler-address", address,
                             "--set", f"data.root={tmp_path / 'data'}", "--set", f"run_dir={tmp_path / 'run'}",
                             "--set", "data.train_count=2", "--set", "data.calib_count=0",
-                            "--set", "data.test_count=2", "--store", str(tmp_path / "f.zarr")],
+                            "--set", "data.test_count=2", "--splits", "train", "test",
+                            "--store", str(tmp_path / "f.zarr")],
                            env=cli_env, capture_output=True, text=True, timeout=600, cwd=REPO)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         summary = json.loads(p.stdout.strip().splitlines()[-1])

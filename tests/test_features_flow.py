@@ -23,7 +23,7 @@ def _args(tmp_path, train=4, calib=2, test=2, workers=1):
             "--set", f"data.root={tmp_path / 'data'}", "--set", f"run_dir={tmp_path / 'run'}",
             "--set", f"data.train_count={train}", "--set", f"data.calib_count={calib}",
             "--set", f"data.test_count={test}", "--set", "features.batch_size=2",
-            "--store", str(tmp_path / "features.zarr")]
+            "--splits", "train", "calib", "test", "--store", str(tmp_path / "features.zarr")]
 
 
 def _run(args, env):
@@ -66,7 +66,7 @@ def test_features_flow_refuses_a_store_built_with_other_weights(tmp_path, cli_en
 def test_features_flow_resumes_after_sigkill(tmp_path, cli_env):
     args = _args(tmp_path, train=40, calib=0, test=0)
     # Render the data first so the kill lands during extraction.
-    subprocess.run([MFIBA, "data", *args[1:args.index("--store")]], env=cli_env, check=True,
+    subprocess.run([MFIBA, "data", *args[1:args.index("--splits")]], env=cli_env, check=True,
                    capture_output=True, cwd=REPO)
     proc = subprocess.Popen([MFIBA, *args], env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
