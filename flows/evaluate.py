@@ -220,11 +220,14 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     done = det_table.keys() & {item_key(i, e) for i in image_ids for e in plan[i]}
     logger.info(f"evaluate: {n_entries} coded images planned ({n_entries // max(1, len(image_ids))} per test image), "
                 f"{len(done)} already decoded and scored")
-    progress = Progress(logger, "encode + decode + heads (images)", len(image_ids))
+    # Only images with a stream still to code or score become tasks: a rerun from caches
+    # submits none (each task would only find its items done).
+    todo_images = [i for i in image_ids if any(item_key(i, e) not in done for e in plan[i])]
+    progress = Progress(logger, "encode + decode + heads (images)", len(todo_images))
     with dask.annotate(**gpu_annotation(cfg, device)):
         ceiling_future = ceiling_task.submit(settings, image_ids)
         encodes, decodes = [], []
-        for i in image_ids:
+        for i in todo_images:
             encodes.append(encode_task.submit(settings, i, plan[i]))
             decodes.append(decode_task.submit(settings, i, plan[i], wait_for=[encodes[-1]]))
     for f in decodes:
