@@ -122,3 +122,44 @@ def test_pass_reuse_gives_the_same_detections(name, monkeypatch, tmp_path):
     rh = model.net.roi_heads  # the reusing parts are removed again
     assert model.net.rpn.head.__class__.__name__ == "RPNHead" and rh.box_roi_pool.__class__.__name__ == \
         "MultiScaleRoIAlign" and rh.box_head.__class__.__name__ != "Identity"
+
+
+def test_head_runs_from_several_threads_on_one_model_do_not_mix():
+    """A Dask worker with several threads runs precoding tasks on one cached model; one
+    task's PassReuse (modules swapped into the shared network) must never reach another
+    task's passes (it did: 'PassReuse: 5 passes described, batch has 1', or silently wrong
+    losses)."""
+    import threading
+    from collections import OrderedDict
+
+    from tasks.models.registry import PassReuse, SplitMeta
+
+    model = build_task_model("demo-multitask", str(DEMO_CKPT))
+    torch.manual_seed(0)
+    feats, meta = model.features([torch.rand(3, 256, 256)])
+    changed = [{s} for s in SCALES]
+    stacked = OrderedDict((k, torch.cat([feats[k] + (0.3 if k in c else 0.0) for c in changed])) for k in SCALES)
+    batch_meta = SplitMeta(meta.image_sizes * len(changed), meta.original_sizes * len(changed), meta.batch_shape)
+    expected_lossless = model.heads(feats, meta)
+    expected_reused = model.heads(stacked, batch_meta, ("bbox",), PassReuse(model, feats, meta, changed))
+    errors = []
+
+    def run(kind):
+        try:
+            for _ in range(15):
+                if kind == "lossless":
+                    for a, b in zip(model.heads(feats, meta), expected_lossless):
+                        _same_detections(a, b)
+                else:
+                    reuse = PassReuse(model, feats, meta, changed)
+                    for a, b in zip(model.heads(stacked, batch_meta, ("bbox",), reuse), expected_reused):
+                        _same_detections(a, b)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("lossless", "reused", "lossless", "reused")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -64,6 +64,7 @@ import json
 import math
 import os
 import struct
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -109,9 +110,20 @@ def _compressai_models():
     return compressai.models
 
 
+# torch's deterministic flag and thread count are process-wide: one coding at a time per
+# process (a Dask worker's threads share it), so no call changes them under another.
+_GLOBAL_TORCH_STATE = threading.RLock()
+
+
 @contextlib.contextmanager
 def _deterministic(threads: int | None) -> Iterator[None]:
     """CPU, deterministic algorithms, no autograd, a fixed intra-op thread count."""
+    with _GLOBAL_TORCH_STATE, _deterministic_unlocked(threads):
+        yield
+
+
+@contextlib.contextmanager
+def _deterministic_unlocked(threads: int | None) -> Iterator[None]:
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     prev_threads = torch.get_num_threads()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ class TaskModel:
         self.name, self.net, self.tasks = name, net.eval(), tasks
         self.keypoint_category_ids = tuple(keypoint_category_ids)
         self.weights = weights  # what was loaded, for provenance ("random-init" when allowed)
+        # heads() swaps modules of the shared network in and out (branch selection, PassReuse);
+        # a Dask worker with several threads runs tasks on one cached model, so one head run
+        # at a time (else one task's passes run through another's reuse, silently wrong).
+        self._heads_lock = threading.RLock()
 
     @property
     def fpn_channels(self) -> int:
@@ -74,6 +79,10 @@ class TaskModel:
         of the head time (demo model: 0.06 s box-only vs 0.34 s all, per 256-px image).
         `reuse`: a batch of precoding passes that each changed only some scales of one
         image; what did not change is taken from the lossless pass (see PassReuse)."""
+        with self._heads_lock:
+            return self._heads(feats, meta, tasks, reuse)
+
+    def _heads(self, feats, meta: SplitMeta, tasks=None, reuse: "PassReuse | None" = None) -> list[dict]:
         if reuse is not None:
             with reuse.installed(self.net):
                 return self.heads(feats, meta, tasks)
@@ -92,8 +101,8 @@ class TaskModel:
 
     @contextlib.contextmanager
     def _only_branches(self, tasks):
-        # torchvision's RoIHeads runs a branch when its RoI pool is set. Not thread-safe on
-        # a shared model: workers use one model per process.
+        # torchvision's RoIHeads runs a branch when its RoI pool is set (callers hold
+        # _heads_lock: the network is shared by a worker's threads).
         rh = self.net.roi_heads
         saved = {"mask_roi_pool": rh.mask_roi_pool, "keypoint_roi_pool": rh.keypoint_roi_pool}
         if "segm" not in tasks:
@@ -133,7 +142,7 @@ class PassReuse:
         self.changed = [set(c) for c in changed or []]
         net = model.net
         feats = OrderedDict((k, feats[k].to(model.device)) for k in SCALES)
-        with torch.no_grad():
+        with torch.no_grad(), model._heads_lock:
             self.rpn_outputs = net.rpn.head(list(feats.values()))
             dummy = torch.empty((1, 3, *meta.batch_shape), device=model.device)
             image_list = ImageList(dummy, [tuple(s) for s in meta.image_sizes])
