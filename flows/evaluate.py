@@ -172,6 +172,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
 
     # 2. The plan: one entry per (image, method, rate point, pool mode).
     plan: dict[int, list[dict]] = {i: [] for i in image_ids}
+    left_out: dict[str, str] = {}
     lambdas_used, seconds_assign = [], []
     for pool_mode in ec.pool_modes:
         scales = coded_scales(pool_mode)
@@ -187,8 +188,18 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
                     plan[i].append({"method": f"uniform-{a}", "point": k, "codec": a, "pool_mode": pool_mode,
                                     "phis": uniform_phis(scales, phi), "rate_setting": phi})
         for task_name in ec.tasks:
-            base = rate_models_from_fit(fit, task_name, ("0", "1", "2", "3", "pool"), cfg.allocation.loss_rate_model,
-                                        cfg.allocation.divisors, cfg.allocation.rate_phi_mode)
+            try:
+                base = rate_models_from_fit(fit, task_name, ("0", "1", "2", "3", "pool"),
+                                            cfg.allocation.loss_rate_model, cfg.allocation.divisors,
+                                            cfg.allocation.rate_phi_mode)
+            except ValueError as e:
+                # A smoke test's random-init heads make the calibration losses noise, so its
+                # fit is unusable by chance: the allocating methods are left out, and the
+                # report says so. A real run stops here (nothing coded yet).
+                if not cfg.smoke:
+                    raise
+                left_out.setdefault(f"allocating methods, task {task_name} (smoke test)", str(e))
+                continue
             models = _models_for_mode(base, scales, tune)
             w = weights[(weights.task == task_name) & (weights.pool_mode == pool_mode)]
             per_image = {(i, src): dict(zip(g.scale, g.weight)) for (i, src), g in w.groupby(["image_id", "source"])}
@@ -265,7 +276,8 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
         "t_task (heads, per coded image)": detections.seconds_heads.tolist()})
     write_frame(str(run / "rd_points.parquet"), pts.drop(columns=[c for c in ("image_bits", "image_input_pixels")
                                                                    if c in pts]))
-    write_frame(str(run / "bdrate.parquet"), report.long_bdrate(bd, codec_of))
+    bd_long = report.long_bdrate(bd, codec_of)
+    write_frame(str(run / "bdrate.parquet"), bd_long)
     write_frame(str(run / "bits_per_scale.parquet"), bits)
     write_frame(str(run / "timing.parquet"), timing)
     provenance = {"config": cfg.model_dump(mode="json"), "code_version": code_version(), "packages": _packages(),
@@ -284,6 +296,7 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
         "fit": fit["version"], "tune": tune["version"] or "not needed by these methods",
         "provenance": "provenance.json (configuration, git commit, packages, machine)",
     }
+    run_info.update({f"left out: {what}": why for what, why in left_out.items()})
     labels = [text for text, on in (("SMOKE TEST", cfg.smoke),
                                     ("RANDOM-INIT task model weights", weights_id == "random-init")) if on]
     if labels:
@@ -303,8 +316,9 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
         png = base64.b64encode((run / rd_pngs[0]).read_bytes()).decode()
         create_markdown_artifact(f"![RD curves](data:image/png;base64,{png})", key="evaluate-rd-plot",
                                  description=f"RD curves ({rd_pngs[0]})")
-    create_table_artifact(report.long_bdrate(bd, codec_of).query("interpolation == 'pchip'").round(3)
-                          .to_dict(orient="records"), key="evaluate-bdrate", description="BD-rate (pchip)")
+    if not bd_long.empty:  # empty when only anchors ran (a smoke test whose fit came out unusable)
+        create_table_artifact(bd_long[bd_long.interpolation == "pchip"].round(3).to_dict(orient="records"),
+                              key="evaluate-bdrate", description="BD-rate (pchip)")
     summary = {"report": str(run / "report.md"), "rd_points": str(run / "rd_points.csv"),
                "bdrate": str(run / "bdrate.csv"), "plots": sorted(figures.values()), "images": len(image_ids),
                "coded_images": n_entries, "reused": len(done), "skipped_images": {str(i): w for i, w in skipped.items()}}

@@ -25,6 +25,7 @@ Why this shape:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import shutil
@@ -38,6 +39,8 @@ import zarr.api.asynchronous as za
 import zarr.codecs
 
 from storage.urls import WriteFailedError, is_local, local_path
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync  # runs a store coroutine on zarr's own event loop
 from zarr.storage import FsspecStore, LocalStore
 
@@ -99,6 +102,26 @@ def _to_float16(image_id: int, scale: str, x: Any) -> np.ndarray:
             f"(max |x| = {float(np.max(np.abs(a))):.4g})"
         )
     return a16
+
+
+# float16, one chunk per (image, scale): few objects, and a scale read is one GET on object
+# stores; blosc zstd with byte shuffle.
+_COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+@functools.lru_cache(maxsize=None)
+def _array_template(scale: str) -> dict:
+    """zarr.json of a scale's array, as zarr's own create_array writes it (in memory)."""
+    a = zarr.create_array(zarr.storage.MemoryStore(), shape=(1, 1, 1), dtype="float16", chunks=(1, 1, 1),
+                          compressors=_COMPRESSOR, fill_value=0.0, dimension_names=_dimension_names(scale))
+    return a.metadata.to_dict()
+
+
+def _array_metadata(scale: str, shape: tuple[int, ...]) -> ArrayV3Metadata:
+    meta = dict(_array_template(scale))
+    meta["shape"] = list(shape)
+    meta["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": list(shape)}}
+    return ArrayV3Metadata.from_dict(meta)
 
 
 def _jsonable(v: Any) -> Any:
@@ -267,28 +290,26 @@ class FeatureStore:
         group_attrs = _jsonable(group_attrs)
 
         try:
-            sync(self._write_group(self._prefix(image_id), group_attrs, arrays))
+            # (metadata built here: zarr's synchronous API cannot run inside its event loop)
+            metadata = {scale: _array_metadata(scale, a.shape) for scale, a in arrays.items()}
+            sync(self._write_group(self._prefix(image_id), group_attrs, arrays, metadata))
         except OSError as e:
             raise WriteFailedError.wrap(e, f"image {image_id} to feature store {self.url}",
                                         "the image is left incomplete and the next run rewrites it") from e
 
-    async def _write_group(self, prefix: str, attrs: dict, arrays: dict[str, np.ndarray]) -> None:
+    async def _write_group(self, prefix: str, attrs: dict, arrays: dict[str, np.ndarray],
+                           metadata: dict[str, ArrayV3Metadata]) -> None:
         # Remove any previous (possibly half-written) version, including orphan chunks.
         await self._store.delete_dir(prefix)
-        g = await za.create_group(store=self._store, path=prefix, attributes=attrs, zarr_format=3)
-        compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+        # The group and its arrays' metadata in one concurrent batch (zarr's create_hierarchy),
+        # instead of one create_array per scale, each of which re-checks and re-writes every
+        # parent group: that was most of a write's time (bench: storage overhead).
+        nodes = {prefix: GroupMetadata(attributes=attrs, zarr_format=3),
+                 **{f"{prefix}/{scale}": m for scale, m in metadata.items()}}
+        created = {key: node async for key, node in za.create_hierarchy(store=self._store, nodes=nodes)}
 
         async def write_scale(scale: str, a: np.ndarray) -> None:
-            arr = await g.create_array(
-                scale,
-                shape=a.shape,
-                dtype="float16",
-                chunks=a.shape,  # one chunk per (image, scale)
-                compressors=compressor,
-                fill_value=0.0,
-                dimension_names=_dimension_names(scale),
-            )
-            await arr.setitem(Ellipsis, a)
+            await created[f"{prefix}/{scale}"].setitem(Ellipsis, a)
 
         # Scales are independent keys: write them concurrently (compression runs in threads).
         # Wait for all of them even when one fails, so no write of this attempt is still
@@ -297,7 +318,7 @@ class FeatureStore:
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if failed:
             raise failed[0]
-        await g.update_attributes({"complete": True})  # last: marks the image as usable
+        await created[prefix].update_attributes({"complete": True})  # last: marks the image as usable
 
     def has_image(self, image_id: int) -> bool:
         g = sync(self._open_group(image_id))

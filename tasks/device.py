@@ -1,6 +1,24 @@
 """Which torch device a configuration's `device` means in this process."""
 from __future__ import annotations
 
+import threading
+
+# One torch computation at a time per process. A Dask worker's threads share its cached task
+# model and codecs, whose calls swap modules in and out of the network (branch selection,
+# PassReuse) and set process-wide torch state (thread count, deterministic flag); in between
+# another thread's computation would run through the wrong modules or with another thread
+# count (other float sums: with random-init heads, other detections). For parallel compute
+# use more worker processes (dask.n_workers), not more threads.
+COMPUTE_LOCK = threading.RLock()
+
+
+def set_torch_threads(threads: int) -> None:
+    """A task's intra-op thread count, never changed under another thread's computation."""
+    import torch
+
+    with COMPUTE_LOCK:
+        torch.set_num_threads(threads)
+
 
 def resolve_device(device: str) -> str:
     import torch

@@ -16,7 +16,7 @@ import torch
 from storage.feature_store import FeatureStore
 from tasks.datasets.coco import DatasetError, image_to_tensor, read_rgb
 from tasks.datasets.sources import ImageRef
-from tasks.device import resolve_device
+from tasks.device import resolve_device, set_torch_threads
 from tasks.models.registry import SCALES, STRIDES, TaskModel, build_task_model
 
 
@@ -59,7 +59,7 @@ def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: 
     with their reason (the run goes on)."""
     import socket
 
-    torch.set_num_threads(settings.threads)
+    set_torch_threads(settings.threads)
     device = resolve_device(settings.device)
     model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
     store = FeatureStore(settings.store_url, mode="a")

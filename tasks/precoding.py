@@ -291,10 +291,10 @@ def precode_items(settings: PrecodeSettings, image_ids: list[int], quality: int)
 
     from storage.feature_store import FeatureStore
     from storage.results import PartTable
-    from tasks.device import resolve_device
+    from tasks.device import resolve_device, set_torch_threads
     from tasks.features import _cached_model
 
-    torch.set_num_threads(settings.threads)
+    set_torch_threads(settings.threads)
     device = resolve_device(settings.device)
     model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
     codec = _cached_codec(settings.codec_spec, device)

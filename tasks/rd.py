@@ -116,11 +116,11 @@ def _worker_parts(settings: RDSettings):
     import torch
 
     from storage.feature_store import FeatureStore
-    from tasks.device import resolve_device
+    from tasks.device import resolve_device, set_torch_threads
     from tasks.features import _cached_model
     from tasks.precoding import _cached_codec, _cached_dataset
 
-    torch.set_num_threads(settings.threads)
+    set_torch_threads(settings.threads)
     device = resolve_device(settings.device)
     model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
     codec = _cached_codec(settings.codec_spec, device)

@@ -35,4 +35,7 @@ def test_coco_paper_smoke_runs_every_stage_at_full_resolution(tmp_path, cli_env,
     report = Path(summary["report"]).read_text()
     assert "SMOKE TEST" in report and "RANDOM-INIT" in report
     points = pd.read_csv(summary["rd_points"])
-    assert set(points.method) == {"uniform", "mfiba"} and len(points) == 4 and (points.bpp_input > 0).all()
+    # Random-init heads make the calibration losses noise, so the fit may come out unusable
+    # (beta <= 0) on some CPU's float sums: then MFIBA is left out and the report says why.
+    methods = {"uniform"} if "left out: allocating methods, task bbox" in report else {"uniform", "mfiba"}
+    assert set(points.method) == methods and len(points) == 2 * len(methods) and (points.bpp_input > 0).all()

@@ -163,3 +163,26 @@ def test_head_runs_from_several_threads_on_one_model_do_not_mix():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_random_init_built_by_two_threads_at_once_is_the_same_network():
+    """A worker's first two tasks build the random-init model concurrently; the global RNG
+    is shared, so without one build at a time each got another network (the smoke run's
+    losses then changed from run to run)."""
+    import threading
+
+    reference = build_task_model("demo-multitask", allow_random_weights=True).net.state_dict()
+    for _ in range(3):
+        built = [None, None]
+
+        def build(k):
+            built[k] = build_task_model("demo-multitask", allow_random_weights=True).net.state_dict()
+
+        threads = [threading.Thread(target=build, args=(k,)) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for state in built:
+            for key, value in reference.items():
+                assert torch.equal(state[key], value), key

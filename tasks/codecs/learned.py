@@ -64,7 +64,6 @@ import json
 import math
 import os
 import struct
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -73,6 +72,7 @@ import torch
 from torch import nn
 
 from storage.bitstream import BitstreamError
+from tasks.device import COMPUTE_LOCK
 from storage.urls import atomic_torch_save
 from tasks.codecs.base import FeatureCodec, MosaicCode, register_codec
 
@@ -110,15 +110,10 @@ def _compressai_models():
     return compressai.models
 
 
-# torch's deterministic flag and thread count are process-wide: one coding at a time per
-# process (a Dask worker's threads share it), so no call changes them under another.
-_GLOBAL_TORCH_STATE = threading.RLock()
-
-
 @contextlib.contextmanager
 def _deterministic(threads: int | None) -> Iterator[None]:
     """CPU, deterministic algorithms, no autograd, a fixed intra-op thread count."""
-    with _GLOBAL_TORCH_STATE, _deterministic_unlocked(threads):
+    with COMPUTE_LOCK, _deterministic_unlocked(threads):  # torch flags are process-wide
         yield
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from tasks.device import COMPUTE_LOCK
 
 SCALES = ("0", "1", "2", "3", "pool")
 STRIDES = {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}
@@ -44,10 +45,6 @@ class TaskModel:
         self.name, self.net, self.tasks = name, net.eval(), tasks
         self.keypoint_category_ids = tuple(keypoint_category_ids)
         self.weights = weights  # what was loaded, for provenance ("random-init" when allowed)
-        # heads() swaps modules of the shared network in and out (branch selection, PassReuse);
-        # a Dask worker with several threads runs tasks on one cached model, so one head run
-        # at a time (else one task's passes run through another's reuse, silently wrong).
-        self._heads_lock = threading.RLock()
 
     @property
     def fpn_channels(self) -> int:
@@ -66,8 +63,9 @@ class TaskModel:
         """images: float RGB tensors (3, H, W) in [0, 1]."""
         images = [i.to(self.device) for i in images]
         original = [tuple(i.shape[-2:]) for i in images]
-        image_list, _ = self.net.transform(images)
-        feats = self.net.backbone(image_list.tensors)
+        with COMPUTE_LOCK:
+            image_list, _ = self.net.transform(images)
+            feats = self.net.backbone(image_list.tensors)
         meta = SplitMeta([tuple(s) for s in image_list.image_sizes], original, tuple(image_list.tensors.shape[-2:]))
         return feats, meta
 
@@ -79,7 +77,7 @@ class TaskModel:
         of the head time (demo model: 0.06 s box-only vs 0.34 s all, per 256-px image).
         `reuse`: a batch of precoding passes that each changed only some scales of one
         image; what did not change is taken from the lossless pass (see PassReuse)."""
-        with self._heads_lock:
+        with COMPUTE_LOCK:  # heads() swaps modules of the shared network (see COMPUTE_LOCK)
             return self._heads(feats, meta, tasks, reuse)
 
     def _heads(self, feats, meta: SplitMeta, tasks=None, reuse: "PassReuse | None" = None) -> list[dict]:
@@ -102,7 +100,7 @@ class TaskModel:
     @contextlib.contextmanager
     def _only_branches(self, tasks):
         # torchvision's RoIHeads runs a branch when its RoI pool is set (callers hold
-        # _heads_lock: the network is shared by a worker's threads).
+        # COMPUTE_LOCK: the network is shared by a worker's threads).
         rh = self.net.roi_heads
         saved = {"mask_roi_pool": rh.mask_roi_pool, "keypoint_roi_pool": rh.keypoint_roi_pool}
         if "segm" not in tasks:
@@ -142,7 +140,7 @@ class PassReuse:
         self.changed = [set(c) for c in changed or []]
         net = model.net
         feats = OrderedDict((k, feats[k].to(model.device)) for k in SCALES)
-        with torch.no_grad(), model._heads_lock:
+        with torch.no_grad(), COMPUTE_LOCK:
             self.rpn_outputs = net.rpn.head(list(feats.values()))
             dummy = torch.empty((1, 3, *meta.batch_shape), device=model.device)
             image_list = ImageList(dummy, [tuple(s) for s in meta.image_sizes])
@@ -269,8 +267,10 @@ RANDOM_INIT_SEED = 0
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    """Build under a fixed seed without touching the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
+    """Build under a fixed seed without touching the caller's random state. The RNG is
+    process state: two threads building at once (a Dask worker's first tasks) would draw
+    from each other's stream and get different networks, so one build at a time."""
+    with COMPUTE_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 
