@@ -41,6 +41,11 @@ class BatchResult:
     worker: str = ""
 
 
+# Images per backbone call while the writer thread stores the previous call's features (the
+# last call's writes of a batch are not hidden behind computation).
+WRITE_CHUNK = 2
+
+
 @lru_cache(maxsize=2)
 def _cached_model(name: str, checkpoint: str | None, allow_random: bool, device: str) -> TaskModel:
     return build_task_model(name, checkpoint, allow_random).to(device)
@@ -54,7 +59,7 @@ def load_tensor(ref: ImageRef) -> torch.Tensor:
     return image_to_tensor(read_rgb(ref.path, ref.image_id, check_size=ref.check_size))
 
 
-def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: int = 2) -> BatchResult:
+def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: int = WRITE_CHUNK) -> BatchResult:
     """Extract and store the features of a batch of images; unreadable images are skipped
     with their reason (the run goes on)."""
     import socket
