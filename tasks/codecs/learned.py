@@ -72,9 +72,9 @@ import torch
 from torch import nn
 
 from storage.bitstream import BitstreamError
-from tasks.device import COMPUTE_LOCK
 from storage.urls import atomic_torch_save
 from tasks.codecs.base import FeatureCodec, MosaicCode, register_codec
+from tasks.device import COMPUTE_LOCK
 
 __all__ = [
     "FORMAT",
@@ -112,26 +112,22 @@ def _compressai_models():
 
 @contextlib.contextmanager
 def _deterministic(threads: int | None) -> Iterator[None]:
-    """CPU, deterministic algorithms, no autograd, a fixed intra-op thread count."""
-    with COMPUTE_LOCK, _deterministic_unlocked(threads):  # torch flags are process-wide
-        yield
-
-
-@contextlib.contextmanager
-def _deterministic_unlocked(threads: int | None) -> Iterator[None]:
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    if threads is not None and threads != prev_threads:
-        torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if threads is not None and torch.get_num_threads() != prev_threads:
-            torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+    """CPU, deterministic algorithms, no autograd, a fixed intra-op thread count (process-wide
+    torch state: held under COMPUTE_LOCK so that no other thread's computation sees it)."""
+    with COMPUTE_LOCK:
+        prev_det = torch.are_deterministic_algorithms_enabled()
+        prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        prev_threads = torch.get_num_threads()
+        torch.use_deterministic_algorithms(True)
+        if threads is not None and threads != prev_threads:
+            torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if threads is not None and torch.get_num_threads() != prev_threads:
+                torch.set_num_threads(prev_threads)
+            torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
 
 def _entropy_modules(model: nn.Module):
