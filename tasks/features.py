@@ -51,6 +51,15 @@ def _cached_model(name: str, checkpoint: str | None, allow_random: bool, device:
     return build_task_model(name, checkpoint, allow_random).to(device)
 
 
+def worker_model(settings) -> tuple[TaskModel, str]:
+    """A task's model (cached per worker process) and device, from settings carrying
+    model_name, checkpoint, allow_random_weights, device and threads; sets the task's torch
+    thread count."""
+    set_torch_threads(settings.threads)
+    device = resolve_device(settings.device)
+    return _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device), device
+
+
 def load_tensor(ref: ImageRef) -> torch.Tensor:
     """The image as a float (3, H, W) tensor in [0, 1]; DatasetError names the file if it is
     missing, unreadable, too large or not the size its annotations give."""
@@ -64,9 +73,7 @@ def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: 
     with their reason (the run goes on)."""
     import socket
 
-    set_torch_threads(settings.threads)
-    device = resolve_device(settings.device)
-    model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
+    model, device = worker_model(settings)
     store = FeatureStore(settings.store_url, mode="a")
     result = BatchResult(worker=socket.gethostname())
     loaded: list[tuple[ImageRef, torch.Tensor]] = []

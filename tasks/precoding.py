@@ -291,12 +291,9 @@ def precode_items(settings: PrecodeSettings, image_ids: list[int], quality: int)
 
     from storage.feature_store import FeatureStore
     from storage.results import PartTable
-    from tasks.device import resolve_device, set_torch_threads
-    from tasks.features import _cached_model
+    from tasks.features import worker_model
 
-    set_torch_threads(settings.threads)
-    device = resolve_device(settings.device)
-    model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
+    model, device = worker_model(settings)
     codec = _cached_codec(settings.codec_spec, device)
     store = FeatureStore(settings.store_url, mode="r")
     table = PartTable(settings.table_url, json.loads(settings.table_identity))

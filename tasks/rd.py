@@ -113,16 +113,11 @@ class RDSettings:
 
 
 def _worker_parts(settings: RDSettings):
-    import torch
-
     from storage.feature_store import FeatureStore
-    from tasks.device import resolve_device, set_torch_threads
-    from tasks.features import _cached_model
+    from tasks.features import worker_model
     from tasks.precoding import _cached_codec, _cached_dataset
 
-    set_torch_threads(settings.threads)
-    device = resolve_device(settings.device)
-    model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
+    model, device = worker_model(settings)
     codec = _cached_codec(settings.codec_spec, device)
     dataset = _cached_dataset(*settings.annotations)
     return model, codec, dataset, FeatureStore(settings.store_url, mode="r"), device

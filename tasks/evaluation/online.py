@@ -52,16 +52,11 @@ class ItemResult:
 
 
 def _parts(settings: EvalSettings):
-    import torch
-
     from storage.feature_store import FeatureStore
-    from tasks.device import resolve_device, set_torch_threads
-    from tasks.features import _cached_model
+    from tasks.features import worker_model
     from tasks.precoding import _cached_dataset
 
-    set_torch_threads(settings.threads)
-    device = resolve_device(settings.device)
-    model = _cached_model(settings.model_name, settings.checkpoint, settings.allow_random_weights, device)
+    model, device = worker_model(settings)
     return model, _cached_dataset(*settings.annotations), FeatureStore(settings.store_url, mode="r"), device
 
 
