@@ -138,29 +138,31 @@ class FeatureCodec:
         """What the decoder would output for this scale, and the estimated bits, without
         writing a stream. Learned codecs run their synthesis on the quantised latent (equal
         to what a rANS round trip decodes; tested); others code for real (bits then exact)."""
-        check_finite(x, scale)
-        self.check_phi(scale, phi)
-        if hasattr(self, "forward_mosaic"):
-            y, norm = normalise(x.float(), mode=self.norm_mode)
-            mosaic, info = pack(y, stride=self.stride)
-            x_hat, bits = self.forward_mosaic(mosaic, phi)
-            return denormalise(unpack(x_hat.clamp(0, 1), info), norm), bits
-        payload = self.compress_scale(scale, x, phi)
-        return self.decompress_scale(payload), float(8 * sum(len(s) for s in payload.strings))
+        return self.reconstruct_scale_multi(scale, x, [phi])[0]
 
     def reconstruct_scale_multi(self, scale: str, x: torch.Tensor, phis) -> list[tuple[torch.Tensor, float | None]]:
-        """`reconstruct_scale` at several phis: one normalisation and packing, and, for a
-        codec with `forward_mosaic_multi` (variable-rate learned ones), what does not depend
-        on phi computed once."""
-        if not hasattr(self, "forward_mosaic_multi"):
-            return [self.reconstruct_scale(scale, x, phi) for phi in phis]
+        """`reconstruct_scale` at several phis: one check, normalisation and packing for all
+        of them, and, for a codec with `forward_mosaic_multi` (variable-rate learned ones),
+        what does not depend on phi computed once."""
         check_finite(x, scale)
         for phi in phis:
             self.check_phi(scale, phi)
         y, norm = normalise(x.float(), mode=self.norm_mode)
         mosaic, info = pack(y, stride=self.stride)
-        return [(denormalise(unpack(x_hat.clamp(0, 1), info), norm), bits)
-                for x_hat, bits in self.forward_mosaic_multi(mosaic, phis)]
+
+        def features(x_hat: torch.Tensor) -> torch.Tensor:
+            return denormalise(unpack(x_hat.clamp(0, 1), info), norm)
+
+        if hasattr(self, "forward_mosaic_multi"):
+            return [(features(x_hat), bits) for x_hat, bits in self.forward_mosaic_multi(mosaic, phis)]
+        if hasattr(self, "forward_mosaic"):
+            return [(features(x_hat), bits) for x_hat, bits in (self.forward_mosaic(mosaic, p) for p in phis)]
+        out = []
+        for phi in phis:  # a real round trip through the codec: the bits are exact
+            code = self.encode_mosaic(mosaic, phi)
+            decoded = self.decode_mosaic(MosaicCode(list(code.strings), tuple(code.latent_shape)), phi)
+            out.append((features(decoded), float(8 * sum(len(s) for s in code.strings))))
+        return out
 
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
                  derived: Iterable[str] = (), payloads: dict | None = None) -> bytes:
