@@ -44,14 +44,14 @@ from tasks.models.registry import build_task_model
 from tasks.precoding import coded_scales
 
 
+# A few images per task: Prefect's per-task bookkeeping is not small against 2 s of work;
+# each image is still its own table part (resumable per image).
+WEIGHTS_IMAGES_PER_TASK = 4
+
+
 @task(name="online-weights", retries=2, retry_delay_seconds=2, task_run_name="mfip-images-{first}-to-{last}")
 def weights_task(settings: EvalSettings, image_ids: list[int], pool_modes: tuple[str, ...], first: int, last: int):
-    # A few images per task: Prefect's per-task bookkeeping is not small against 2 s of work;
-    # each image is still its own table part (resumable per image).
     return [online_weights(settings, i, pool_modes) for i in image_ids]
-
-
-WEIGHTS_IMAGES_PER_TASK = 4
 
 
 @task(name="encode", retries=2, retry_delay_seconds=2, task_run_name="encode-image-{image_id}")

@@ -73,7 +73,7 @@ def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: 
     with their reason (the run goes on)."""
     import socket
 
-    model, device = worker_model(settings)
+    model, _device = worker_model(settings)
     store = FeatureStore(settings.store_url, mode="a")
     result = BatchResult(worker=socket.gethostname())
     loaded: list[tuple[ImageRef, torch.Tensor]] = []

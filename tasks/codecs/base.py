@@ -119,11 +119,17 @@ class FeatureCodec:
         if not (low <= phi <= high):
             raise ValueError(f"codec {self.name!r}: phi={phi} for scale {scale!r} is outside [{low}, {high}]")
 
-    def compress_scale(self, scale: str, x: torch.Tensor, phi: float) -> ScalePayload:
+    def _mosaic(self, scale: str, x: torch.Tensor, phis) -> tuple[torch.Tensor, PackInfo, NormParams]:
+        """The checked, normalised and packed mosaic of one scale, for coding at `phis`."""
         check_finite(x, scale)
-        self.check_phi(scale, phi)
+        for phi in phis:
+            self.check_phi(scale, phi)
         y, norm = normalise(x.float(), mode=self.norm_mode)
         mosaic, info = pack(y, stride=self.stride)
+        return mosaic, info, norm
+
+    def compress_scale(self, scale: str, x: torch.Tensor, phi: float) -> ScalePayload:
+        mosaic, info, norm = self._mosaic(scale, x, [phi])
         code = self.encode_mosaic(mosaic, phi)
         return ScalePayload(scale=scale, feature_shape=tuple(x.shape), packing=info.to_dict(),
                             norm=norm.to_bytes(), phi=float(phi), strings=list(code.strings),
@@ -144,11 +150,7 @@ class FeatureCodec:
         """`reconstruct_scale` at several phis: one check, normalisation and packing for all
         of them, and, for a codec with `forward_mosaic_multi` (variable-rate learned ones),
         what does not depend on phi computed once."""
-        check_finite(x, scale)
-        for phi in phis:
-            self.check_phi(scale, phi)
-        y, norm = normalise(x.float(), mode=self.norm_mode)
-        mosaic, info = pack(y, stride=self.stride)
+        mosaic, info, norm = self._mosaic(scale, x, phis)
 
         def features(x_hat: torch.Tensor) -> torch.Tensor:
             return denormalise(unpack(x_hat.clamp(0, 1), info), norm)
@@ -160,8 +162,7 @@ class FeatureCodec:
         out = []
         for phi in phis:  # a real round trip through the codec: the bits are exact
             code = self.encode_mosaic(mosaic, phi)
-            decoded = self.decode_mosaic(MosaicCode(list(code.strings), tuple(code.latent_shape)), phi)
-            out.append((features(decoded), float(8 * sum(len(s) for s in code.strings))))
+            out.append((features(self.decode_mosaic(code, phi)), float(8 * sum(len(s) for s in code.strings))))
         return out
 
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
