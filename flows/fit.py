@@ -142,9 +142,11 @@ def _summary(version: str, folder: str, info: dict, fits, rate_phi, trend, stati
     })
 
 
-def _publish(cfg: Config, version: str, folder: str, summary: dict, table_sha: str, identity_bytes: bytes) -> None:
+def _publish(cfg: Config, version: str, summary: dict, table_sha: str, identity_bytes: bytes) -> None:
     root = fit_root(cfg)
-    atomic_write_text(f"{root}/current.json", json.dumps({"version": version, "folder": folder}, indent=2) + "\n")
+    # The version only, not the folder's path: a run folder copied or moved elsewhere still
+    # reads its own fit (older files also name the folder; readers ignore it).
+    atomic_write_text(f"{root}/current.json", json.dumps({"version": version}, indent=2) + "\n")
     write_manifest(cfg.resolve_path(cfg.run_dir), StageManifest(
         stage="fit", config_digest=cfg.digest("fit"),
         input_hashes={"precode_table": table_sha, "precode_identity": hashlib.sha256(identity_bytes).hexdigest()},
@@ -169,7 +171,7 @@ def fit_flow(config: dict, preset: str = "demo") -> dict:
         existing = None
     if existing is not None:
         summary = {**existing["summary"], "recomputed": False}
-        _publish(cfg, version, folder, summary, table_sha, identity_bytes)
+        _publish(cfg, version, summary, table_sha, identity_bytes)
         try:
             create_markdown_artifact(read_bytes(f"{folder}/report.md").decode("utf-8"), key="fit-report",
                                      description=f"fit {version} (reused)")
@@ -277,7 +279,7 @@ def fit_flow(config: dict, preset: str = "demo") -> dict:
     # fit.json last: its presence marks a complete version.
     atomic_write_text(f"{out}/fit.json", json.dumps(_jsonable(doc), indent=2, sort_keys=False) + "\n")
     summary = {**summary, "recomputed": True}
-    _publish(cfg, version, out, summary, table_sha, identity_bytes)
+    _publish(cfg, version, summary, table_sha, identity_bytes)
     create_markdown_artifact(report, key="fit-report", description=f"fit {version} on {n_images} {split} images")
     logger.info(f"fit {version} written to {out}: " + "; ".join(
         f"{k} cauchy CC {v['cauchy']['cc']:.4f}" for k, v in summary["table1"].items()
@@ -343,8 +345,8 @@ def load_current_fit(cfg: Config, metric: str = "AP") -> dict:
     carries its `status`: only 'ok' entries are usable by the closed-form allocation."""
     root = fit_root(cfg)
     try:
-        current = json.loads(read_bytes(f"{root}/current.json"))
-        doc = json.loads(read_bytes(f"{current['folder']}/fit.json"))
+        folder = f"{root}/{json.loads(read_bytes(f'{root}/current.json'))['version']}"
+        doc = json.loads(read_bytes(f"{folder}/fit.json"))
     except FileNotFoundError as e:
         raise FitStageError(f"no fit under {root} ({e.filename or e}): run `mfiba fit --preset {cfg.preset}` "
                             "first") from e
@@ -365,14 +367,14 @@ def load_current_fit(cfg: Config, metric: str = "AP") -> dict:
             "static_weights": t["static_weights"].get(src, {}),
         }
     # The measured means behind the rate-phi fit, for allocation.rate_phi_mode=interpolated.
-    points = pd.read_parquet(io.BytesIO(read_bytes(f"{current['folder']}/rate_phi_points.parquet")))
+    points = pd.read_parquet(io.BytesIO(read_bytes(f"{folder}/rate_phi_points.parquet")))
     rate_phi_points = {str(s): [g.sort_values("phi").phi.tolist(), g.sort_values("phi").rate.tolist()]
                        for s, g in points.groupby("scale")}
-    return {"version": doc["version"], "folder": current["folder"], "metric": metric, "loss_source": src,
+    return {"version": doc["version"], "folder": folder, "metric": metric, "loss_source": src,
             "split": doc["split"], "rate_unit": doc["rate_unit"], "scales": doc["scales"],
             "scale_pixels": doc["scale_pixels"], "input_pixels": doc["input_pixels"], "phis": doc["phis"],
             "rate_phi": rate_phi, "rate_phi_points": rate_phi_points, "tasks": tasks,
-            "figures": {title: f"{current['folder']}/{name}" for title, name in FIGURES.items()
+            "figures": {title: f"{folder}/{name}" for title, name in FIGURES.items()
                         if name in doc.get("files", [])}}
 
 

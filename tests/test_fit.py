@@ -288,6 +288,12 @@ def test_fit_flow_writes_a_version_then_reuses_it(tmp_path, prefect_server):
 
     fit = load_current_fit(cfg)
     assert fit["version"] == summary["version"] and fit["scales"] == list(SCALES)
+    # A run folder moved elsewhere reads its own fit, not the original's.
+    import shutil
+
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    moved = load_current_fit(load_config("demo", [f"run_dir={tmp_path / 'moved'}", f"data.root={tmp_path / 'data'}"]))
+    assert moved["folder"] == str(tmp_path / "moved" / "fit" / summary["version"])
     bbox = fit["tasks"]["bbox"]
     # The flow recomputes MFIP weights from the losses (not w: per quality they normalise
     # w_i R_i^-beta); the pooled pair is the pure fit with those mean weights.
