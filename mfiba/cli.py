@@ -193,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = cfg.task_model.checkpoint
             build_task_model(cfg.task_model.name, str(cfg.resolve_path(ckpt)) if ckpt else None,
                              cfg.task_model.allow_random_weights)
-        with LocalPrefectServer() as server:
+        from flows.common import hold_output_locks
+
+        # The stage's output locks before the server starts, so that a run refused because
+        # another holds them is refused at once (the stage takes them again: locks nest).
+        with hold_output_locks(cfg, args.command), LocalPrefectServer() as server:
             print(f"Prefect UI for this run: {server.ui_url}", file=sys.stderr)
             if args.command == "features":
                 from flows.features import run_features

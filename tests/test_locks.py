@@ -116,6 +116,21 @@ def test_wait_from_the_environment_then_refusal(tmp_path, holders, monkeypatch):
         wait_seconds()
 
 
+def test_cli_refuses_a_held_run_folder_before_starting_a_prefect_server(tmp_path, holders, monkeypatch, capsys):
+    import mfiba.runtime
+    from mfiba import cli
+
+    class NoServer:
+        def __enter__(self):
+            raise AssertionError("the Prefect server started before the lock was checked")
+
+    monkeypatch.setattr(mfiba.runtime, "LocalPrefectServer", NoServer)
+    run = tmp_path / "run"
+    holders.append(spawn_holder(run, stage="precode"))
+    assert cli.main(["fit", "--preset", "demo", "--set", f"run_dir={run}"]) == 2
+    assert f"run folder {run} is in use by `mfiba precode`" in capsys.readouterr().err
+
+
 def test_nested_holds_in_one_process_nest(tmp_path, holders):
     """The pipeline holds the run folder while its stage subflows (same process, maybe
     another thread) take it again: no deadlock, no self-refusal, one release at the end."""
