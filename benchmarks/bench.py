@@ -29,11 +29,17 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float], object]:
+def timed(fn, repeats: int, sync=None) -> tuple[float, list[float], object]:
+    """(median seconds, all seconds, fn's last value). `sync` (torch.cuda.synchronize for GPU
+    work, which runs asynchronously) is called at both ends of each timed run."""
     times, out = [], None
     for _ in range(repeats):
+        if sync is not None:
+            sync()
         t0 = time.perf_counter()
         out = fn()
+        if sync is not None:
+            sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times, out
 
@@ -395,22 +401,14 @@ def bench_fullsize(cfg, device: str = "cpu", threads: int = 2) -> dict:
     img = image_to_tensor(read_rgb(images[0]))
     cats = json.loads((COCO_SAMPLE / "annotations" / "instances.json").read_text())["categories"]
 
-    def timed_once(fn):
-        # A GPU runs asynchronously: wait for its queue at both ends of a timed step.
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        value = fn()
-        if device != "cpu":
-            torch.cuda.synchronize()
-        return value, time.perf_counter() - t0
+    sync = torch.cuda.synchronize if device != "cpu" else None
 
     with torch.no_grad():
         # One untimed pass, so that neither device's figures include kernel selection or allocator warm-up.
         warm, meta = model.features([img])
         model.heads(warm, meta)
         t = {}
-        (feats, meta), t["t_backbone"] = timed_once(lambda: model.features([img]))
+        t["t_backbone"], _, (feats, meta) = timed(lambda: model.features([img]), 1, sync)
         feats = type(feats)((s, x.cpu()) for s, x in feats.items())  # the codec's side
 
         def precode():
@@ -418,13 +416,14 @@ def bench_fullsize(cfg, device: str = "cpu", threads: int = 2) -> dict:
             res = precode_quality(model, codec, 1, feats, meta, 0, 0.013, ref, ("bbox",), "coded")
             return mfip_weights(np.array([[r["loss_bbox"] for r in res.rows]]))
 
-        _, t["t_pre (m = 1)"] = timed_once(precode)
+        t["t_pre (m = 1)"] = timed(precode, 1, sync)[0]
         px = np.array([feats[s].shape[-2] * feats[s].shape[-1] for s in SCALES], float)
         t["t_assign"] = timed(lambda: allocate(np.full(5, 0.2), LossRateModel((1.0,), (0.6,)), px, 1.0,
                                                PAPER_DIVISORS), 100)[0]
-        data, t["t_enc"] = timed_once(lambda: codec.compress({s: f[0] for s, f in feats.items()}, 0.013))
-        decoded, t["t_dec"] = timed_once(lambda: codec.decompress(data))
-        _, t["t_task"] = timed_once(lambda: model.heads(type(decoded)((s, x[None]) for s, x in decoded.items()), meta))
+        t["t_enc"], _, data = timed(lambda: codec.compress({s: f[0] for s, f in feats.items()}, 0.013), 1)
+        t["t_dec"], _, decoded = timed(lambda: codec.decompress(data), 1)
+        t["t_task"] = timed(lambda: model.heads(type(decoded)((s, x[None]) for s, x in decoded.items()), meta),
+                            1, sync)[0]
     gpu = torch.cuda.get_device_name() if device != "cpu" else None
     return {"inputs": {"image": images[0].name, "size": list(img.shape[-2:]), "model_input": list(meta.image_sizes[0]),
                        "task_model": f"fasterrcnn_resnet50_fpn (random init) on {gpu or 'CPU'}",
@@ -485,7 +484,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {list(SECTIONS)}")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench"))
-    ap.add_argument("--device", default="cpu",
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the fullsize section runs the task network (cuda on a GPU machine; its figures are "
                          "stored as fullsize_cuda beside the CPU ones)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the fullsize section's codec and network")
@@ -499,7 +498,7 @@ def main(argv=None) -> int:
     for name in args.only.split(","):
         print(f"bench: {name} ...", flush=True)
         t0 = time.time()
-        key = name if name != "fullsize" or args.device == "cpu" else f"fullsize_{args.device.split(':')[0]}"
+        key = "fullsize_cuda" if name == "fullsize" and args.device == "cuda" else name
         kwargs = {"device": args.device, "threads": args.threads} if name == "fullsize" else {}
         results[key] = SECTIONS[name](cfg, **kwargs)
         results[f"{key}_wall_s"] = round(time.time() - t0, 1)
