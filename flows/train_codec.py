@@ -136,7 +136,7 @@ def _result(fam_dir: Path, family: dict, reused: bool) -> dict:
     final = s.get("final") or []
     return {"roles": family["roles"], "codec_name": family["spec"]["name"], "trained_on": family["spec"]["trained_on"],
             "work_dir": str(fam_dir), "complete": bool(s.get("complete")),
-            "codec": s.get("codec") if s.get("complete") else None, "reused": reused,
+            "codec": str(fam_dir / s["codec"]) if s.get("complete") else None, "reused": reused,
             "lambdas": [r["lambda"] for r in final], "bpp": [r["bpp"] for r in final],
             "mse": [r["mse"] for r in final], "psnr": [r["psnr"] for r in final],
             "steps": s.get("steps", sum(r.get("step", 0) for r in s.get("rate_points", []) if isinstance(r, dict))),
@@ -174,7 +174,7 @@ def train_family_task(config: dict, key: str, family: dict, fam_dir: str, device
                               identity={"digest": meta["digest"]}, log=logger.info)
     if path is not None:
         sha = torch.load(path, map_location="cpu", weights_only=True)["checkpoint_sha256"]
-        _write_json(fam_dir_p / "family.json", {**meta, "complete": True, "codec": str(path),
+        _write_json(fam_dir_p / "family.json", {**meta, "complete": True, "codec": Path(path).name,
                                                 "checkpoint_sha256": sha})
     return _result(fam_dir_p, family, reused=False)
 
@@ -202,8 +202,9 @@ def train_codec_flow(config: dict, preset: str = "demo", time_budget_s: float | 
                            f"training on the {len(data['image_ids'])} that are")
         digest, identity = family_digest(cfg, fam, data["identity"])
         meta = _read_json(fam_dir / "family.json")
-        if meta and meta.get("digest") == digest and meta.get("complete") and Path(meta.get("codec", "")).exists():
-            logger.info(f"{fam['key']}: codec {meta['codec']} is up to date (digest {digest}); reused")
+        if meta and meta.get("digest") == digest and meta.get("complete") and meta.get("codec") \
+                and (fam_dir / meta["codec"]).is_file():
+            logger.info(f"{fam['key']}: codec {fam_dir / meta['codec']} is up to date (digest {digest}); reused")
             results[fam["key"]] = _result(fam_dir, fam, reused=True)
             continue
         if fam_dir.exists() and (meta is None or meta.get("digest") != digest) and any(fam_dir.iterdir()):

@@ -146,6 +146,36 @@ def test_train_codec_family_writes_a_working_codec(store_url, tmp_path):
     assert load_codec(path).checkpoint_sha256 == codec.checkpoint_sha256 and path.stat().st_mtime_ns >= before
 
 
+def test_warm_started_family_trains_down_from_the_highest_lambda(store_url, tmp_path):
+    from tasks.codecs.learned import load_codec
+
+    ds = MosaicDataset(store_url, [7, 8, 9], patch_size=64)
+    settings = CodecTrainSettings(iterations=2, batch_size=2, checkpoint_every=1, log_every=1, eval_patches=2,
+                                  finetune_iterations=1)
+    msgs = []
+    # A budget that stops after the first step: the rerun resumes the highest lambda, then
+    # fine-tunes the lower one from it.
+    assert train_codec_family(SPEC, ds, tmp_path / "w", settings, time_budget_s=0.0, log=msgs.append) is None
+    assert not (tmp_path / "w" / "rp0-lambda0.0067").exists()
+    path = train_codec_family(SPEC, ds, tmp_path / "w", settings, log=msgs.append)
+    curves = json.loads((tmp_path / "w" / "curves.json").read_text())
+    assert list(curves["rate_points"]) == ["rp0-lambda0.0067", "rp1-lambda0.013"]
+    assert curves["rate_points"]["rp1-lambda0.013"]["init_from"] is None
+    assert curves["rate_points"]["rp0-lambda0.0067"]["init_from"] == "rp1-lambda0.013"
+    assert [rp["steps"] for rp in curves["rate_points"].values()] == [1, 2]
+    assert read_state(tmp_path / "w" / "rp0-lambda0.0067")["identity"]["init_from"] == "rp1-lambda0.013"
+    # One fine-tuning step at lr 1e-4 moves the weights by about 1e-4: the lower rate point
+    # starts from the higher one's weights, not from its own initialisation.
+    def distance(models) -> float:
+        a, b = (dict(m.named_parameters()) for m in models)
+        return max(float((a[k] - b[k]).detach().abs().max()) for k in a if k.endswith("weight"))
+
+    assert distance(load_codec(path).models) < 1e-2
+    cold = train_codec_family(SPEC, ds, tmp_path / "c", CodecTrainSettings(
+        iterations=2, batch_size=2, log_every=1, eval_patches=2), log=lambda m: None)
+    assert distance(load_codec(cold).models) > 1e-2
+
+
 def test_time_budget_stops_and_resumes(store_url, tmp_path):
     ds = MosaicDataset(store_url, [7], scales=["2"], patch_size=64)
     spec = SimpleNamespace(**{**vars(SPEC), "phis": [0.013]})
@@ -194,6 +224,12 @@ def test_train_codec_flow_trains_then_reuses(tmp_path, prefect_server):
         assert len(r["bpp"]) == 1 and np.isfinite(r["bpp"][0]) and np.isfinite(r["mse"][0])
     again = run_train_codec(cfg, local=True)
     assert all(r["reused"] and r["codec"] == out[k]["codec"] for k, r in again.items())
+    # A moved codec folder is still up to date there: family.json names its codec by file name.
+    moved = load_config("demo", {**over, "train_codec.work_dir": str(tmp_path / "moved")}, stages=["train-codec"])
+    (tmp_path / "codecs").rename(tmp_path / "moved")
+    assert all(r["reused"] and r["codec"].startswith(str(tmp_path / "moved"))
+               for r in run_train_codec(moved, local=True).values())
+    (tmp_path / "moved").rename(tmp_path / "codecs")
 
     cfg2 = load_config("demo", {**over, "train_codec.iterations": 3}, stages=["train-codec"])
     third = run_train_codec(cfg2, local=True)

@@ -372,6 +372,7 @@ def train_rate_point(
     lr_drop_fraction: float | None = 0.9,
     vbr_stage1_fraction: float = 0.25,
     identity: Mapping[str, Any] | None = None,
+    init_state: Mapping[str, torch.Tensor] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train (or resume) one model with the RD loss; returns {step, iterations, complete,
@@ -384,6 +385,7 @@ def train_rate_point(
     last.pt with another identity is refused (a stale run, e.g. after a config change).
     History rows (every `log_every` steps, averages over them): step, loss, bpp, mse, aux,
     lr, elapsed_s (+ for VBR: stage, bpp/mse per level). Saved to work_dir/history.json.
+    init_state: model weights to start from when work_dir has no last.pt (fresh optimisers).
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -420,6 +422,9 @@ def train_rate_point(
         pending = state.get("pending") or {}  # the steps since the last history row
         if step < iterations:
             log(f"resuming at step {step}/{iterations} from {state_path}")
+    elif init_state is not None:
+        model.load_state_dict(init_state)
+        model.to(device)
 
     def save_state() -> None:
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -561,6 +566,11 @@ class CodecTrainSettings:
     clip_max_norm: float = 1.0
     lr_drop_fraction: float | None = 0.9
     vbr_stage1_fraction: float = 0.25
+    # Fixed-rate families: None trains every rate point from scratch for `iterations` steps;
+    # an int trains the highest lambda for `iterations` steps, then each lower one for this
+    # many steps from the weights of the one above it (the transforms carry over: only the
+    # rate-distortion trade-off has to move, so a short run gives an ordered family).
+    finetune_iterations: int | None = None
     workers: int = 0  # loader threads
     seed: int = 0
     log_every: int = 10
@@ -678,8 +688,9 @@ def train_codec_family(
     budget ran out first (rerun to resume: every rate point continues from its last.pt).
 
     Rate points train one after another in work_dir/rp<i>-lambda<lambda>/ (VBR: work_dir/vbr/);
-    a finished one is not retrained. `identity` (e.g. the config digest) is stored with every
-    state and in summary.json. `options["train"]` in the spec overrides `settings` fields.
+    a finished one is not retrained. With `settings.finetune_iterations`, the highest lambda
+    trains first and each lower one starts from the weights of the one above it. `identity`
+    (e.g. the config digest) is stored with every state and in summary.json. `options["train"]` in the spec overrides `settings` fields.
     """
     from tasks.codecs.learned import LearnedCodec, save_codec
 
@@ -701,28 +712,38 @@ def train_codec_family(
         f"{'1 variable-rate model' if vbr else f'{len(models)} rate points'}, lambdas {all_lams}, "
         f"{settings.iterations} steps x batch {settings.batch_size}, {len(dataset)} items, device {device}")
 
-    results, rate_points = [], {}
-    for i, model in enumerate(models):
-        label = "vbr" if vbr else f"rp{i}-lambda{lams[i]:g}"
+    warm = not vbr and settings.finetune_iterations is not None
+    # Warm-started families train from the highest lambda down, each from the one above it.
+    order = list(range(len(models)))[::-1] if warm else list(range(len(models)))
+    labels = ["vbr"] if vbr else [f"rp{i}-lambda{lams[i]:g}" for i in order]
+    results, trained = [], {}
+    for k, i in enumerate(order):
+        model, label = models[i], labels[k]
         rp_dir = work_dir / label
         remaining = None if time_budget_s is None else time_budget_s - (time.time() - started)
-        if i > 0 and remaining is not None and remaining <= 0:  # a started rate point gets >= 1 step
+        if k > 0 and remaining is not None and remaining <= 0:  # a started rate point gets >= 1 step
             log(f"time budget spent before rate point {label}")
             return _write_incomplete(work_dir, identity, results)
+        init_from = labels[k - 1] if warm and k > 0 else None
+        iterations = settings.finetune_iterations if init_from else settings.iterations
         loader = make_loader(dataset, settings.batch_size, seed=settings.seed + 1000 * i, workers=settings.workers)
         res = train_rate_point(
-            model, loader, None if vbr else lams[i], settings.iterations, settings.lr, settings.aux_lr, rp_dir,
+            model, loader, None if vbr else lams[i], iterations, settings.lr, settings.aux_lr, rp_dir,
             checkpoint_every=settings.checkpoint_every, clip_max_norm=settings.clip_max_norm,
-            time_budget_s=None if remaining is None else max(0.0, remaining), device=device, seed=settings.seed + 1000 * i, log_every=settings.log_every,
+            time_budget_s=None if remaining is None else max(0.0, remaining), device=device,
+            seed=settings.seed + 1000 * i, log_every=settings.log_every,
             lr_drop_fraction=settings.lr_drop_fraction, vbr_stage1_fraction=settings.vbr_stage1_fraction,
-            identity={**identity, "rate_point": label}, log=lambda m, label=label: log(f"[{spec.name} {label}] {m}"))
+            identity={**identity, "rate_point": label, **({"init_from": init_from} if init_from else {})},
+            init_state=models[order[k - 1]].state_dict() if init_from else None,
+            log=lambda m, label=label: log(f"[{spec.name} {label}] {m}"))
         res["label"] = label
         results.append(res)
         if not res["complete"]:
             return _write_incomplete(work_dir, identity, results)
         state = read_state(rp_dir)
-        rate_points[label] = {"lambda": None if vbr else lams[i], "steps": res["step"],
-                              "seconds": res["seconds"], "history": state["history"]}
+        trained[i] = {"lambda": None if vbr else lams[i], "steps": res["step"], "seconds": res["seconds"],
+                      "init_from": init_from, "history": state["history"]}
+    rate_points = {labels[order.index(i)]: trained[i] for i in range(len(models))}  # by increasing lambda
 
     patches = _fixed_patches(dataset, settings.eval_patches, settings.seed)
     evaluation = {}
@@ -743,10 +764,11 @@ def train_codec_family(
     atomic_write_text(work_dir / "curves.json", json.dumps(curves, indent=1))
     plot_curves(curves, work_dir / "curves.png")
     final = [row for rows in evaluation.values() for row in rows]
-    summary = {"complete": True, "codec": str(codec_path), "checkpoint_sha256": codec.checkpoint_sha256.hex(),
+    # The codec file by name: it sits beside summary.json, wherever the folder is moved.
+    summary = {"complete": True, "codec": codec_path.name, "checkpoint_sha256": codec.checkpoint_sha256.hex(),
                "identity": identity, "steps": steps, "seconds": round(seconds, 2),
                "iterations_per_s": round(steps / seconds, 3) if seconds > 0 else None,
-               "final": final, "rate_points": [r["label"] for r in results]}
+               "final": final, "rate_points": list(rate_points)}
     atomic_write_text(work_dir / "summary.json", json.dumps(summary, indent=1))
     log(f"{spec.name} on {trained_on}: wrote {codec_path} ({steps} steps, {seconds:.0f} s); eval "
         + ", ".join(f"λ={r['lambda']:g}: {r['bpp']:.3f} bpp, {r['psnr']:.1f} dB" for r in final))
