@@ -114,6 +114,8 @@ def family_digest(cfg: Config, family: dict, data_identity: dict) -> tuple[str, 
     spec.pop("checkpoint", None)
     train = cfg.train_codec.model_dump(mode="json")
     train.pop("work_dir", None)
+    if family["spec"]["trained_on"] == "rgb":
+        train.pop("sampling", None)  # the RGB dataset has no scales: its digest ignores it
     identity = {"spec": spec, "train_codec": train, "seed": cfg.seed, "data": data_identity}
     return _sha(identity), identity
 
@@ -167,7 +169,8 @@ def train_family_task(config: dict, key: str, family: dict, fam_dir: str, device
                                               overrides={"workers": 0 if device == "cpu" else 4})
     if data["kind"] == "features":
         dataset = MosaicDataset(data["store"], data["image_ids"], patch_size=cfg.train_codec.patch_size,
-                                norm_mode=spec.options.get("norm_mode", "minmax"), seed=cfg.seed)
+                                norm_mode=spec.options.get("norm_mode", "minmax"), seed=cfg.seed,
+                                sampling=cfg.train_codec.sampling)
     else:
         dataset = RGBImageDataset(data["image_paths"], patch_size=cfg.train_codec.patch_size, seed=cfg.seed)
     path = train_codec_family(spec, dataset, fam_dir_p, settings, device=device, time_budget_s=time_budget_s,

@@ -195,6 +195,9 @@ class TrainCodecConfig(_Strict):
     work_dir: str = "runs/train-codec"
     # The split of the feature store the mosaics come from (the paper: 40,000 train images).
     split: Literal["train", "calib", "test"] = "train"
+    # Feature crops drawn uniformly over mosaic pixels ("area", as coded images spend their
+    # bits) or one item per (image, scale) ("mosaic"). RGB families ignore it.
+    sampling: Literal["area", "mosaic"] = "area"
 
 
 TASKS = ("bbox", "segm", "keypoints")

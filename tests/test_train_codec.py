@@ -40,7 +40,7 @@ SPEC = SimpleNamespace(name="bmshj2018-hyperprior", N=16, M=24, phis=[0.0067, 0.
 
 
 def test_mosaic_dataset_patches(store_url):
-    ds = MosaicDataset(store_url, [7, 8, 9], patch_size=64, seed=3)
+    ds = MosaicDataset(store_url, [7, 8, 9], patch_size=64, seed=3, sampling="mosaic")
     assert len(ds) == 15  # images x scales
     for i in (0, 4, 17, 1234):  # beyond len: the same items with new crops
         x = ds[i]
@@ -56,6 +56,13 @@ def test_mosaic_dataset_patches(store_url):
     for i in range(15):
         mosaic = ds.mosaic(*ds.item(i))
         assert torch.equal(ds[i], random_crop(mosaic, 64, np.random.default_rng([3, i])))
+    # "area": each scale as often as 64-px patches tile its padded mosaic ('0': 32x32 tiles
+    # on a 5x5 grid, 160 -> 192 px: 9 patches; '1': 80 -> 128: 4; the others one each).
+    area = MosaicDataset(store_url, [7, 8, 9], patch_size=64, seed=3)
+    assert area.weights == [9, 4, 1, 1, 1] and len(area) == 3 * 16
+    assert [area.item(k)[1] for k in range(16)] == ["0"] * 9 + ["1"] * 4 + ["2", "3", "pool"]
+    assert area.item(16) == (8, "0") and torch.equal(area[17], random_crop(
+        area.mosaic(8, "0"), 64, np.random.default_rng([3, 17])))
     # 'pool' (2x2 tiles -> 64x64 after padding) is replicate-padded up to a 128 patch.
     big = MosaicDataset(store_url, [7], scales=["pool"], patch_size=128)
     assert big[0].shape == (3, 128, 128)
