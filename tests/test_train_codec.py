@@ -242,3 +242,16 @@ def test_train_codec_flow_trains_then_reuses(tmp_path, prefect_server):
     third = run_train_codec(cfg2, local=True)
     assert all(not r["reused"] and r["steps"] == 3 for r in third.values())
     assert len(list((tmp_path / "codecs").glob("bmshj2018-hyperprior-features.stale-*"))) == 1
+
+
+def test_evaluate_rd_leaves_the_model_in_its_mode(store_url):
+    from compressai.models import ScaleHyperprior
+
+    from tasks.codecs.training import evaluate_rd
+
+    patches = torch.stack([MosaicDataset(store_url, [7], patch_size=64)[i] for i in range(2)])
+    model = ScaleHyperprior(16, 24)
+    for training in (False, True):
+        model.train(training)
+        rows = evaluate_rd(model, patches, [0.013])
+        assert model.training is training and len(rows) == 1 and np.isfinite(rows[0]["bpp"])

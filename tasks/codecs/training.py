@@ -546,7 +546,9 @@ def train_rate_point(
 def evaluate_rd(model: nn.Module, patches: torch.Tensor, lmbdas: Sequence[float], device: str = "cpu",
                 batch_size: int = 8) -> list[dict[str, float]]:
     """Eval-mode RD on fixed patches (rounding, not noise), one row per rate level:
-    {lambda, bpp, mse, psnr} (for a fixed-rate model a single row at its lambda)."""
+    {lambda, bpp, mse, psnr} (for a fixed-rate model a single row at its lambda). The model
+    is left in the mode it came in."""
+    was_training = model.training
     model.eval().to(device)
     vbr = is_variable_rate(model)
     rows = []
@@ -562,7 +564,7 @@ def evaluate_rd(model: nn.Module, patches: torch.Tensor, lmbdas: Sequence[float]
         mse = mse_sum / (n_pix * patches.shape[1])
         rows.append({"lambda": float(lmbdas[level if vbr else 0]), "bpp": bits / n_pix, "mse": mse,
                      "psnr": 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")})
-    model.train()
+    model.train(was_training)
     return rows
 
 
