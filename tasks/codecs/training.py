@@ -4,9 +4,10 @@ Plain functions, no Prefect: the `train-codec` flow wraps them, and a GPU machin
 `train_codec_family` directly.
 
 Data
-    `MosaicDataset`: one item per (image, scale) of a feature store (the paper: 40,000 COCO
-    train images x 5 scales = 200,000 mosaics). An item is read from the zarr store when it is
-    asked for (one scale of one image at a time: bounded memory), normalised exactly as the
+    `MosaicDataset`: (image, scale) items of a feature store (the paper: 40,000 COCO train
+    images x 5 scales = 200,000 mosaics), each scale weighted by its mosaic's area so crops
+    fall uniformly over mosaic pixels (or one item each). An item is read from the zarr store
+    when it is asked for (one scale of one image at a time: bounded memory), normalised exactly as the
     codec normalises it at coding time (`packing.normalise`, per tensor), packed into the
     codec's 3-channel mosaic (`packing.pack`, padded to a multiple of 64 like the coded one),
     and randomly cropped to `patch_size` (smaller mosaics are replicate-padded up to it).
@@ -43,6 +44,11 @@ Variable rate (`MeanScaleHyperpriorVbr`, compressai 1.2.8's models/vbr.py)
     stage 2 at (s, lambda[s]). The paper's multi-objective (MOO) gradient balancing of the
     levels is not implemented: one level per batch, plain weighted-sum loss.
     A CodecSpec `phis` list of 8 increasing values replaces the model's `lmbda` list.
+
+Warm start (fixed-rate families, `finetune_iterations`)
+    The highest lambda trains `iterations` steps from scratch; each lower lambda then starts
+    from the final weights of the one above it, with fresh optimisers, for
+    `finetune_iterations` steps (its last.pt identity names the rate point it started from).
 
 Checkpoints
     Each rate point trains in its own folder: `last.pt` (weights, both optimisers, step,
