@@ -7,8 +7,8 @@ Data
     `MosaicDataset`: (image, scale) items of a feature store (the paper: 40,000 COCO train
     images x 5 scales = 200,000 mosaics), each scale weighted by its mosaic's area so crops
     fall uniformly over mosaic pixels (or one item each). An item is read from the zarr store
-    when it is asked for (one scale of one image at a time: bounded memory), normalised exactly as the
-    codec normalises it at coding time (`packing.normalise`, per tensor), packed into the
+    when it is asked for (one scale of one image at a time: bounded memory), normalised
+    exactly as the codec normalises it at coding time (`packing.normalise`, per tensor), packed into the
     codec's 3-channel mosaic (`packing.pack`, padded to a multiple of 64 like the coded one),
     and randomly cropped to `patch_size` (smaller mosaics are replicate-padded up to it).
     `RGBImageDataset`: random crops of the dataset's RGB images in [0, 1], for the stand-in of
@@ -714,7 +714,8 @@ def train_codec_family(
     Rate points train one after another in work_dir/rp<i>-lambda<lambda>/ (VBR: work_dir/vbr/);
     a finished one is not retrained. With `settings.finetune_iterations`, the highest lambda
     trains first and each lower one starts from the weights of the one above it. `identity`
-    (e.g. the config digest) is stored with every state and in summary.json. `options["train"]` in the spec overrides `settings` fields.
+    (e.g. the config digest) is stored with every state and in summary.json.
+    `options["train"]` in the spec overrides `settings` fields.
     """
     from tasks.codecs.learned import LearnedCodec, save_codec
 
@@ -739,16 +740,16 @@ def train_codec_family(
     warm = not vbr and settings.finetune_iterations is not None
     # Warm-started families train from the highest lambda down, each from the one above it.
     order = list(range(len(models)))[::-1] if warm else list(range(len(models)))
-    labels = ["vbr"] if vbr else [f"rp{i}-lambda{lams[i]:g}" for i in order]
+    labels = ["vbr"] if vbr else [f"rp{i}-lambda{lams[i]:g}" for i in range(len(models))]  # by model
     results, trained = [], {}
     for k, i in enumerate(order):
-        model, label = models[i], labels[k]
+        model, label = models[i], labels[i]
         rp_dir = work_dir / label
         remaining = None if time_budget_s is None else time_budget_s - (time.time() - started)
         if k > 0 and remaining is not None and remaining <= 0:  # a started rate point gets >= 1 step
             log(f"time budget spent before rate point {label}")
             return _write_incomplete(work_dir, identity, results)
-        init_from = labels[k - 1] if warm and k > 0 else None
+        init_from = labels[order[k - 1]] if warm and k > 0 else None
         iterations = settings.finetune_iterations if init_from else settings.iterations
         loader = make_loader(dataset, settings.batch_size, seed=settings.seed + 1000 * i, workers=settings.workers)
         res = train_rate_point(
@@ -767,7 +768,7 @@ def train_codec_family(
         state = read_state(rp_dir)
         trained[i] = {"lambda": None if vbr else lams[i], "steps": res["step"], "seconds": res["seconds"],
                       "init_from": init_from, "history": state["history"]}
-    rate_points = {labels[order.index(i)]: trained[i] for i in range(len(models))}  # by increasing lambda
+    rate_points = {labels[i]: trained[i] for i in range(len(models))}  # by increasing lambda
 
     patches = _fixed_patches(dataset, settings.eval_patches, settings.seed)
     evaluation = {}
