@@ -306,3 +306,26 @@ def test_plain_state_dict_checkpoints_load(tmp_path):
     assert build_codec("elic-chandelier", checkpoint=str(tmp_path / "c.codec")).checkpoint_sha256 == ref.checkpoint_sha256
     with pytest.raises(ValueError, match="holds codec"):
         build_codec("elic", checkpoint=str(tmp_path / "c.codec"))
+
+
+@pytest.mark.parametrize("name", ["mean-scale-vbr", "elic"])
+def test_synthesis_runs_on_channels_last_input(name):
+    """The codec feeds its synthesis NHWC input (oneDNN's faster layout for transposed
+    convolutions on CPU), hands back a contiguous x_hat, and leaves the analysis alone (the
+    encoder's latents must not move with a layout change)."""
+    codec = build(name)
+    seen = {}
+    net = codec.models[0]
+    first_layer = next(m for m in net.g_s.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)))
+    first_layer.register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("g_s", args[0].is_contiguous(memory_format=torch.channels_last)))
+    net.g_a.register_forward_pre_hook(lambda m, args: seen.__setitem__("g_a", args[0].is_contiguous()))
+    y, _ = normalise(make_features()["2"], mode=codec.norm_mode)
+    mosaic, _ = pack(y, stride=codec.stride)
+    x_hat, _ = codec.forward_mosaic(mosaic, PHIS[name]["2"])
+    assert seen == {"g_s": True, "g_a": True}
+    assert x_hat.is_contiguous()
+    # A second codec over the same model objects does not stack the hooks.
+    hooks = len(net.g_s._forward_pre_hooks)
+    LearnedCodec(codec.models, codec.lambdas, architecture=codec.architecture, update=False)
+    assert len(net.g_s._forward_pre_hooks) == hooks

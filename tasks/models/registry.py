@@ -208,17 +208,22 @@ class _ReusingBoxPath(nn.Module):
         names = list(self.pool.featmap_names)
         counts = [len(p) for p in proposals]
         out = reuse.lossless_boxes.new_empty((sum(counts), reuse.lossless_boxes.shape[1]))
-        need, offset = [], 0
+        need, copy_to, copy_from, offset = [], [], [], 0
         for b, boxes in enumerate(proposals):
             levels = self.pool.map_levels([boxes]).tolist()  # set up by the lossless pass
+            changed = {k for k, name in enumerate(names) if name in reuse.changed[b]}
             rows = boxes.cpu().numpy()
             for i in range(len(boxes)):
                 j = reuse.lossless_index.get(rows[i].tobytes())
-                if j is None or names[levels[i]] in reuse.changed[b]:
+                if j is None or levels[i] in changed:
                     need.append((b, i))
                 else:
-                    out[offset + i] = reuse.lossless_boxes[j]
+                    copy_to.append(offset + i)
+                    copy_from.append(j)
             offset += len(boxes)
+        if copy_to:  # one gather: row-by-row tensor assignment cost more than the box head
+            out[torch.tensor(copy_to, device=out.device)] = reuse.lossless_boxes[
+                torch.tensor(copy_from, device=out.device)]
         reuse.rows["computed"] += len(need)
         reuse.rows["total"] += len(out)
         if need:
