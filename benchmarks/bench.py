@@ -185,9 +185,9 @@ def _batched_parts(model, codec, fn, repeats: int = 3) -> dict:
         handles.append(module.register_forward_hook(
             lambda m, i, o: acc.__setitem__(name, acc.get(name, 0.0) + time.perf_counter() - start["t"])))
 
-    net = codec.models[0] if hasattr(codec, "models") else None
-    if isinstance(net, torch.nn.Module):
-        for name in ("g_a", "h_a", "h_s", "g_s"):
+    nets = [net for net in getattr(codec, "models", []) if isinstance(net, torch.nn.Module)]
+    for name in ("g_a", "h_a", "h_s", "g_s"):
+        for net in nets:  # every rate point of a fixed-rate family
             if hasattr(net, name):
                 hook(f"codec {name}", getattr(net, name))
     hook("rpn (head, proposals)", model.net.rpn)

@@ -309,23 +309,30 @@ def test_plain_state_dict_checkpoints_load(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mean-scale-vbr", "elic"])
-def test_synthesis_runs_on_channels_last_input(name):
-    """The codec feeds its synthesis NHWC input (oneDNN's faster layout for transposed
-    convolutions on CPU), hands back a contiguous x_hat, and leaves the analysis alone (the
-    encoder's latents must not move with a layout change)."""
+def test_transforms_run_on_channels_last_input(name):
+    """The codec feeds its analysis and synthesis NHWC input (oneDNN's faster layout on
+    CPU), keeps the hyper networks on their own layout (the entropy parameters must not
+    move), and hands back a contiguous x_hat; a second codec over the same models does not
+    stack the hooks."""
     codec = build(name)
-    seen = {}
     net = codec.models[0]
-    first_layer = next(m for m in net.g_s.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)))
-    first_layer.register_forward_pre_hook(
-        lambda m, args: seen.__setitem__("g_s", args[0].is_contiguous(memory_format=torch.channels_last)))
-    net.g_a.register_forward_pre_hook(lambda m, args: seen.__setitem__("g_a", args[0].is_contiguous()))
-    y, _ = normalise(make_features()["2"], mode=codec.norm_mode)
-    mosaic, _ = pack(y, stride=codec.stride)
+    seen = {}
+
+    def record(label, module):
+        module.register_forward_pre_hook(lambda m, args: seen.__setitem__(
+            label, args[0].stride(1) == 1))  # NHWC: channels adjacent in memory
+
+    def first_conv(module):
+        return next(m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)))
+
+    record("g_a", first_conv(net.g_a))
+    record("g_s", first_conv(net.g_s))
+    hyper = net.latent_codec["hyper"].h_s if hasattr(net, "latent_codec") else net.h_s
+    record("h_s", first_conv(hyper))
+    mosaic = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(0))  # z is 4x4: layouts differ
     x_hat, _ = codec.forward_mosaic(mosaic, PHIS[name]["2"])
-    assert seen == {"g_s": True, "g_a": True}
+    assert seen == {"g_a": True, "g_s": True, "h_s": False}
     assert x_hat.is_contiguous()
-    # A second codec over the same model objects does not stack the hooks.
-    hooks = len(net.g_s._forward_pre_hooks)
+    hooks = len(net.g_s._forward_pre_hooks), len(net.g_a._forward_pre_hooks)
     LearnedCodec(codec.models, codec.lambdas, architecture=codec.architecture, update=False)
-    assert len(net.g_s._forward_pre_hooks) == hooks
+    assert (len(net.g_s._forward_pre_hooks), len(net.g_a._forward_pre_hooks)) == hooks
