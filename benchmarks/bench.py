@@ -122,22 +122,29 @@ def _bench_mfip_codec(cfg, spec, images: int, repeats: int) -> dict:
     n = len(coded_scales(pool_mode))
     rows = []
     for image_id, feats, meta in inputs:
-        t_loop, _, ref = timed(lambda: precode_reference(model, codec, image_id, feats, meta, phis, categories,
-                                                         ("bbox",), pool_mode), repeats)
-        t_batch, _, bat = timed(lambda: precode_batched(model, codec, image_id, feats, meta, phis, categories,
-                                                        ("bbox",), pool_mode), repeats)
-        la = np.array([r["loss_bbox"] for r in ref.rows]).reshape(len(phis), n)
-        lb = np.array([r["loss_bbox"] for r in bat.rows]).reshape(len(phis), n)
-        max_diff = float(np.abs(mfip_weights(la).weights - mfip_weights(lb).weights).max())
         def encode_decode():
             data = codec.compress({s: f[0] for s, f in feats.items()}, phis[len(phis) // 2])
             codec.decompress(data)
-        t_one, _, _ = timed(encode_decode, repeats)
-        rows.append({"image_id": image_id, "loop_s": t_loop, "batched_s": t_batch, "speedup": t_loop / t_batch,
-                     "loop_codec_s": ref.seconds_codec, "loop_heads_s": ref.seconds_heads,
-                     "loop_loss_s": ref.seconds_loss, "batched_codec_s": bat.seconds_codec,
-                     "batched_heads_s": bat.seconds_heads, "batched_loss_s": bat.seconds_loss,
-                     "one_encode_decode_s": t_one, "batched_over_one_encode_decode": t_batch / t_one,
+        # The three are timed back to back in each repeat and the ratios taken per repeat
+        # (median over repeats), so that drift in this shared machine's speed cancels.
+        per_repeat = []
+        for r in range(repeats + 1):  # the first round warms caches and lazy imports: not counted
+            t_loop, _, ref = timed(lambda: precode_reference(model, codec, image_id, feats, meta, phis, categories,
+                                                             ("bbox",), pool_mode), 1)
+            t_batch, _, bat = timed(lambda: precode_batched(model, codec, image_id, feats, meta, phis, categories,
+                                                            ("bbox",), pool_mode), 1)
+            t_one = timed(encode_decode, 1)[0]
+            if r == 0:
+                continue
+            per_repeat.append({"loop_s": t_loop, "batched_s": t_batch, "speedup": t_loop / t_batch,
+                               "loop_codec_s": ref.seconds_codec, "loop_heads_s": ref.seconds_heads,
+                               "loop_loss_s": ref.seconds_loss, "batched_codec_s": bat.seconds_codec,
+                               "batched_heads_s": bat.seconds_heads, "batched_loss_s": bat.seconds_loss,
+                               "one_encode_decode_s": t_one, "batched_over_one_encode_decode": t_batch / t_one})
+        la = np.array([r["loss_bbox"] for r in ref.rows]).reshape(len(phis), n)
+        lb = np.array([r["loss_bbox"] for r in bat.rows]).reshape(len(phis), n)
+        max_diff = float(np.abs(mfip_weights(la).weights - mfip_weights(lb).weights).max())
+        rows.append({"image_id": image_id, **{k: statistics.median(r[k] for r in per_repeat) for k in per_repeat[0]},
                      "max_weight_difference": max_diff})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "image_id"}
     image_id, feats, meta = inputs[0]

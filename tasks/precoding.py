@@ -71,10 +71,11 @@ def _changed(scale: str, pool_mode: str) -> set[str]:
 
 
 def lossless_pass(model: TaskModel, image_id: int, feats, meta: SplitMeta, categories, tasks=None,
-                  gt: dict | None = None) -> tuple[Reference, Oracle | None]:
+                  gt: dict | None = None, reuse: PassReuse | None = None) -> tuple[Reference, Oracle | None]:
     """The lossless heads once: the pseudo ground truth every pass is compared with, and,
-    when the image's annotations are given, the oracle's lossless AP."""
-    lossless = model.heads(feats, meta, tasks=tasks)[0]
+    when the image's annotations are given, the oracle's lossless AP. With the image's
+    `reuse`, the RPN head and box path are not run again (it computed them)."""
+    lossless = model.heads(feats, meta, tasks=tasks, reuse=reuse.for_passes([set()]) if reuse else None)[0]
     h, w = meta.original_sizes[0]
     ref = reference_from_detections(image_id, lossless, h, w, categories, model.keypoint_category_ids)
     if gt is None:
@@ -205,12 +206,12 @@ def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, 
 def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, phis,
                     categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
     """No entropy coder; the passes of one quality run as one batch through the heads."""
-    ref, _ = lossless_pass(model, image_id, feats, meta, categories, tasks=iou_types)
+    reuse = PassReuse(model, feats, meta)
+    ref, _ = lossless_pass(model, image_id, feats, meta, categories, tasks=iou_types, reuse=reuse)
     res = PrecodeResult(reference_empty=ref.empty)
     t0 = time.perf_counter()
     decoded = decode_all_qualities(codec, feats, coded_scales(pool_mode), phis)
     res.seconds_codec += time.perf_counter() - t0
-    reuse = PassReuse(model, feats, meta)
     for q, phi in enumerate(phis):
         res.add(precode_quality(model, codec, image_id, feats, meta, q, phi, ref, iou_types, pool_mode,
                                 decoded=decoded[q], reuse=reuse))
@@ -311,9 +312,10 @@ def precode_items(settings: PrecodeSettings, image_ids: list[int], quality: int)
         feats, meta, attrs = stored_image(store, image_id, device)
         dataset = _cached_dataset(*datasets[attrs["split"]])
         gt = one_image_gt(dataset, image_id) if settings.oracle else None
-        ref, oracle = lossless_pass(model, image_id, feats, meta, dataset.categories, settings.tasks, gt)
+        reuse = PassReuse(model, feats, meta)
+        ref, oracle = lossless_pass(model, image_id, feats, meta, dataset.categories, settings.tasks, gt, reuse)
         res = precode_quality(model, codec, image_id, feats, meta, quality, phi, ref, settings.tasks,
-                              settings.pool_mode, real_bits=True, oracle=oracle)
+                              settings.pool_mode, real_bits=True, oracle=oracle, reuse=reuse)
         h, w = attrs["input_size"]
         frame = pd.DataFrame(res.rows)
         frame.insert(1, "split", attrs["split"])

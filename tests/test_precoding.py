@@ -53,3 +53,25 @@ def test_shared_passes_for_both_pool_modes_equal_separate_precoding():
         assert [r["scale"] for r in both[mode].rows] == [r["scale"] for r in alone.rows]
         np.testing.assert_allclose([r["loss_bbox"] for r in both[mode].rows],
                                    [r["loss_bbox"] for r in alone.rows], atol=1e-9)
+
+
+def test_lossless_pass_through_the_images_reuse_is_the_plain_lossless_pass():
+    """precode_batched and the precode/evaluate stages take the lossless detections from the
+    image's PassReuse (nothing recomputed): the same detections as the plain heads, bit for
+    bit, for every task branch."""
+    from tasks.models.registry import PassReuse
+    from tasks.precoding import lossless_pass
+
+    model = build_task_model("demo-multitask", str(CFG.resolve_path(CFG.task_model.checkpoint)))
+    data, rec, _ = render(SyntheticSpec(), "test", 2)
+    feats, meta = model.features([image_to_tensor(Image.open(io.BytesIO(data)))])
+    tasks = tuple(model.tasks)
+    reuse = PassReuse(model, feats, meta)
+    plain = model.heads(feats, meta, tasks=tasks)[0]
+    reused = model.heads(feats, meta, tasks=tasks, reuse=reuse.for_passes([set()]))[0]
+    assert set(plain) == set(reused)
+    for key in plain:
+        assert torch.equal(plain[key], reused[key]), key
+    ref_plain, _ = lossless_pass(model, rec["id"], feats, meta, categories_json(), tasks)
+    ref_reused, _ = lossless_pass(model, rec["id"], feats, meta, categories_json(), tasks, reuse=reuse)
+    assert ref_plain == ref_reused

@@ -112,12 +112,12 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
     model, dataset, store, device = _parts(settings)
     codec = _codec(settings, "main")
     image = load_stored_image(store, image_id, device)
+    reuse = PassReuse(model, image.feats, image.meta)
     ref, oracle = lossless_pass(model, image_id, image.feats, image.meta, dataset.categories, settings.tasks,
-                                one_image_gt(dataset, image_id) if settings.oracle else None)
+                                one_image_gt(dataset, image_id) if settings.oracle else None, reuse)
     rows = {m: [] for m in pool_modes}
     needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
     decoded = decode_all_qualities(codec, image.feats, needed, settings.phis)
-    reuse = PassReuse(model, image.feats, image.meta)
     for q, phi in enumerate(settings.phis):
         for mode, res in precode_quality_modes(model, codec, image_id, image.feats, image.meta, q, phi, ref,
                                                settings.tasks, pool_modes, oracle, decoded=decoded[q],

@@ -141,10 +141,15 @@ class PassReuse:
         net = model.net
         feats = OrderedDict((k, feats[k].to(model.device)) for k in SCALES)
         with torch.no_grad(), COMPUTE_LOCK:
-            self.rpn_outputs = net.rpn.head(list(feats.values()))
             dummy = torch.empty((1, 3, *meta.batch_shape), device=model.device)
             image_list = ImageList(dummy, [tuple(s) for s in meta.image_sizes])
-            proposals, _ = net.rpn(image_list, feats)
+            captured = []  # the RPN head's outputs, kept from the RPN's own call of it
+            hook = net.rpn.head.register_forward_hook(lambda m, args, out: captured.append(out))
+            try:
+                proposals, _ = net.rpn(image_list, feats)
+            finally:
+                hook.remove()
+            self.rpn_outputs = captured[0]
             rh = net.roi_heads
             logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, proposals, image_list.image_sizes)))
         self.n_classes = logits.shape[1]
@@ -154,7 +159,8 @@ class PassReuse:
         self.rows = {"computed": 0, "total": 0}
 
     def for_passes(self, changed: list[set[str]]) -> "PassReuse":
-        """The same lossless results for another batch of passes (one image, any quality)."""
+        """The same lossless results for another batch of passes (one image, any quality);
+        `[set()]` is the lossless pass itself, with everything taken over."""
         other = copy.copy(self)
         other.changed = [set(c) for c in changed]
         return other
