@@ -383,7 +383,24 @@ def bench_codecs(cfg, images: int = 4) -> dict:
 
 def bench_scaling(cfg, images: int = 8) -> dict:
     """Precoding throughput with 1 and 2 Dask workers (the CLI, a fresh run folder each), and
-    the peak resident memory of each worker process (sampled every 0.2 s)."""
+    the peak resident memory of each worker process (sampled every 0.2 s). Each worker count
+    runs `images` and 3 x `images` calibration images: the difference of the two wall times
+    is the precoding itself, without the Prefect server's and the cluster's start-up."""
+    out = {}
+    for workers in (1, 2):
+        small, large = (_precode_cli(cfg, workers, n) for n in (images, 3 * images))
+        rate = (large["items"] - small["items"]) / (large["wall_s"] - small["wall_s"])
+        out[f"{workers}_workers"] = {"items_per_s": rate, "start_up_s": small["wall_s"] - small["items"] / rate,
+                                     "runs": [small, large],
+                                     "peak_rss_mb_per_worker": large["peak_rss_mb_per_worker"]}
+    out["speedup_2_over_1"] = out["2_workers"]["items_per_s"] / out["1_workers"]["items_per_s"]
+    out["inputs"] = {"images": [images, 3 * images], "qualities": len(cfg.codecs.main.phis),
+                     "tasks": cfg.precode.tasks, "codec": cfg.codecs.main.name,
+                     "note": "items (image x quality) per second from the difference of two runs' wall times"}
+    return out
+
+
+def _precode_cli(cfg, workers: int, images: int) -> dict:
     import subprocess
     import sys
     import tempfile
@@ -391,37 +408,32 @@ def bench_scaling(cfg, images: int = 8) -> dict:
 
     import psutil
 
-    out = {}
     mfiba = str(Path(sys.executable).with_name("mfiba"))
-    for workers in (1, 2):
-        with tempfile.TemporaryDirectory() as d:
-            args = [mfiba, "precode", "--preset", "demo", "--workers", str(workers), "--set", f"run_dir={d}",
-                    "--set", f"data.calib_count={images}", "--set", "precode.batch_size=2"]
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-            peaks: dict[int, int] = {}
+    with tempfile.TemporaryDirectory() as d:
+        args = [mfiba, "precode", "--preset", "demo", "--workers", str(workers), "--set", f"run_dir={d}",
+                "--set", f"data.calib_count={images}", "--set", "precode.batch_size=2"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        peaks: dict[int, int] = {}
 
-            def sample():
-                while proc.poll() is None:
-                    try:
-                        for c in psutil.Process(proc.pid).children(recursive=True):
-                            if "spawn_main" in " ".join(c.cmdline()):
-                                peaks[c.pid] = max(peaks.get(c.pid, 0), c.memory_info().rss)
-                    except psutil.Error:
-                        pass
-                    time.sleep(0.2)
-            th = threading.Thread(target=sample)
-            th.start()
-            rc = proc.wait()
-            th.join()
-            wall = time.perf_counter() - t0
-        items = images * len(cfg.codecs.main.phis)
-        out[f"{workers}_workers"] = {"rc": rc, "wall_s": wall, "items": items, "items_per_s": items / wall,
-                                     "peak_rss_mb_per_worker": sorted(round(v / 2**20) for v in peaks.values())}
-    out["speedup_2_over_1"] = out["2_workers"]["items_per_s"] / out["1_workers"]["items_per_s"]
-    out["inputs"] = {"images": images, "qualities": len(cfg.codecs.main.phis), "tasks": cfg.precode.tasks,
-                     "note": "wall time includes the CLI's Prefect server and cluster start-up"}
-    return out
+        def sample():
+            while proc.poll() is None:
+                try:
+                    for c in psutil.Process(proc.pid).children(recursive=True):
+                        if "spawn_main" in " ".join(c.cmdline()):
+                            peaks[c.pid] = max(peaks.get(c.pid, 0), c.memory_info().rss)
+                except psutil.Error:
+                    pass
+                time.sleep(0.2)
+        th = threading.Thread(target=sample)
+        th.start()
+        rc = proc.wait()
+        th.join()
+        wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"bench scaling: `{' '.join(args)}` exited with {rc}")
+    return {"images": images, "items": images * len(cfg.codecs.main.phis), "wall_s": wall,
+            "peak_rss_mb_per_worker": sorted(round(v / 2**20) for v in peaks.values())}
 
 
 def bench_fullsize(cfg, device: str = "cpu", threads: int = 2) -> dict:

@@ -1,6 +1,5 @@
 """Batched precoding gives the same losses and MFIP weights as the reference loop."""
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
