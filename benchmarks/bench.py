@@ -584,8 +584,9 @@ def main(argv=None) -> int:
         kwargs = {"device": args.device, "threads": args.threads} if name == "fullsize" else {}
         results[key] = SECTIONS[name](cfg, **kwargs)
         results[f"{key}_wall_s"] = round(time.time() - t0, 1)
-    path.write_text(json.dumps(results, indent=2, default=float))
-    (out / "bench.md").write_text(markdown(results))
+        # Written after every section: a later section's failure keeps what was measured.
+        path.write_text(json.dumps(results, indent=2, default=float))
+        (out / "bench.md").write_text(markdown(results))
     print((out / "bench.md").read_text())
     return 0
 
