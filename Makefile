@@ -39,9 +39,8 @@ serve: $(STAMP)
 # Measured figures (not tests): runs/bench/bench.json and bench.md. Builds what it needs once:
 # the demo feature store, the demo's fit (the allocation section) and, for the paper's codec,
 # demo-elic's ELIC retrained on the train split's features, alone (the other families keep
-# their committed checkpoints), as one Dask worker with both cores.
-ELIC_FEATURES_ONLY = $(foreach c,vbr vbr-rgb hyperprior hyperprior-rgb elic-rgb,--set codecs.others.$(c).trained_on=none) \
-  --workers 1 --set dask.threads_per_worker=2
+# their committed checkpoints).
+ELIC_FEATURES_ONLY = $(foreach c,vbr vbr-rgb hyperprior hyperprior-rgb elic-rgb,--set codecs.others.$(c).trained_on=none)
 bench: $(STAMP)
 	test -d runs/demo/features.zarr || $(BIN)/mfiba features --preset demo
 	test -f runs/demo/fit/current.json || { $(BIN)/mfiba precode --preset demo && $(BIN)/mfiba fit --preset demo; }
