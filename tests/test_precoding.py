@@ -17,13 +17,19 @@ from tasks.precoding import coded_scales, precode_batched, precode_reference
 CFG = load_config("demo")
 
 
+def _demo_image(index: int):
+    """The demo task model and the features of synthetic test image `index`."""
+    model = build_task_model("demo-multitask", str(CFG.resolve_path(CFG.task_model.checkpoint)))
+    data, rec, _ = render(SyntheticSpec(), "test", index)
+    feats, meta = model.features([image_to_tensor(Image.open(io.BytesIO(data)))])
+    return model, feats, meta, rec
+
+
 @pytest.mark.parametrize("pool_mode", ["coded", "derived"])
 def test_batched_equals_reference_loop(pool_mode):
     # The learned codec: the batched path's synthesis of the quantised latent is what is tested.
     codec = build_codec_from_spec(CFG.codecs.others["vbr"], "vbr", CFG.resolve_path)
-    model = build_task_model("demo-multitask", str(CFG.resolve_path(CFG.task_model.checkpoint)))
-    data, rec, _ = render(SyntheticSpec(), "test", 0)
-    feats, meta = model.features([image_to_tensor(Image.open(io.BytesIO(data)))])
+    model, feats, meta, rec = _demo_image(0)
     phis = CFG.codecs.others["vbr"].phis[::3]
     a = precode_reference(model, codec, rec["id"], feats, meta, phis, categories_json(), ("bbox",), pool_mode)
     b = precode_batched(model, codec, rec["id"], feats, meta, phis, categories_json(), ("bbox",), pool_mode)
@@ -41,9 +47,7 @@ def test_shared_passes_for_both_pool_modes_equal_separate_precoding():
     from tasks.precoding import lossless_pass, precode_quality, precode_quality_modes
 
     codec = build_codec_from_spec(CFG.codecs.others["vbr"], "vbr", CFG.resolve_path)
-    model = build_task_model("demo-multitask", str(CFG.resolve_path(CFG.task_model.checkpoint)))
-    data, rec, _ = render(SyntheticSpec(), "test", 1)
-    feats, meta = model.features([image_to_tensor(Image.open(io.BytesIO(data)))])
+    model, feats, meta, rec = _demo_image(1)
     ref, _ = lossless_pass(model, rec["id"], feats, meta, categories_json(), ("bbox",))
     phi = CFG.codecs.others["vbr"].phis[1]
     both = precode_quality_modes(model, codec, rec["id"], feats, meta, 1, phi, ref, ("bbox",))
@@ -61,9 +65,7 @@ def test_lossless_pass_through_the_images_reuse_is_the_plain_lossless_pass():
     from tasks.models.registry import PassReuse
     from tasks.precoding import lossless_pass
 
-    model = build_task_model("demo-multitask", str(CFG.resolve_path(CFG.task_model.checkpoint)))
-    data, rec, _ = render(SyntheticSpec(), "test", 2)
-    feats, meta = model.features([image_to_tensor(Image.open(io.BytesIO(data)))])
+    model, feats, meta, rec = _demo_image(2)
     tasks = tuple(model.tasks)
     reuse = PassReuse(model, feats, meta)
     plain = model.heads(feats, meta, tasks=tasks)[0]
