@@ -146,6 +146,19 @@ def test_encode_is_deterministic_in_process(coded, name):
     assert codec.compress(coded["features"], PHIS[name], derived=("pool",)) == data
 
 
+def test_deterministic_context_skips_the_nan_fill_and_restores_torch_state():
+    """Inside, deterministic algorithms without the NaN fill of new tensors (a cost, not a
+    guarantee: decoding is bit exact without it, pinned above); outside, torch as it was."""
+    from tasks.codecs.learned import _deterministic
+
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    with _deterministic(1):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+    assert torch.utils.deterministic.fill_uninitialized_memory == fill
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_separate_process_decode_is_bit_exact(coded, name):
     codec, _data, decoded = coded[name]
