@@ -38,15 +38,14 @@ serve: $(STAMP)
 
 # Measured figures (not tests): runs/bench/bench.json and bench.md. Builds what it needs once:
 # the demo feature store, the demo's fit (the allocation section) and, for the paper's codec,
-# demo-elic's ELIC retrained on the train split's features, alone (the other families keep
-# their committed checkpoints).
-ELIC_FEATURES_ONLY = $(foreach c,vbr vbr-rgb hyperprior hyperprior-rgb elic-rgb,--set codecs.others.$(c).trained_on=none)
+# demo-elic's ELIC retrained on the train split's features, alone (--only: the other
+# families keep their committed checkpoints).
 bench: $(STAMP)
 	test -d runs/demo/features.zarr || $(BIN)/mfiba features --preset demo
 	test -f runs/demo/fit/current.json || { $(BIN)/mfiba precode --preset demo && $(BIN)/mfiba fit --preset demo; }
 	test -f runs/train-codec/elic-features/codec.pt || { \
 	  $(BIN)/mfiba features --preset demo --splits train && \
-	  $(BIN)/mfiba train-codec --preset demo-elic $(ELIC_FEATURES_ONLY); }
+	  $(BIN)/mfiba train-codec --preset demo-elic --only elic; }
 	$(BIN)/python -m benchmarks.bench
 
 clean-state:

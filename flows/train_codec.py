@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Sequence
 
 import dask
 from prefect import flow, get_run_logger, task
@@ -44,13 +45,25 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def trainable_families(cfg: Config) -> list[dict]:
-    """The families to train: [{key, roles, spec (json dict)}], in config order (main first)."""
+def trainable_families(cfg: Config, only: Sequence[str] | None = None) -> list[dict]:
+    """The families to train: [{key, roles, spec (json dict)}], in config order (main first).
+    `only`: codec labels ("main" or keys of codecs.others); the families of the others are
+    left as they are (neither trained nor checked)."""
     from tasks.codecs.base import CLASSICAL_CODECS, available_codecs
 
     trainable = sorted(set(available_codecs()) - set(CLASSICAL_CODECS))
+    labelled = [("main", cfg.codecs.main), *cfg.codecs.others.items()]
+    if only is not None:
+        unknown = [label for label in only if label not in dict(labelled)]
+        if unknown:
+            raise TrainCodecError(f"--only {unknown}: no such codec label; labels: {[r for r, _ in labelled]}")
+        untrained = [label for label, spec in labelled if label in only
+                     and (spec.trained_on == "none" or spec.name in CLASSICAL_CODECS)]
+        if untrained:
+            raise TrainCodecError(f"--only {untrained}: classical or trained_on='none', nothing to train")
+        labelled = [(role, spec) for role, spec in labelled if role in only]
     families: dict[str, dict] = {}
-    for role, spec in [("main", cfg.codecs.main), *cfg.codecs.others.items()]:
+    for role, spec in labelled:
         if spec.trained_on == "none" or spec.name in CLASSICAL_CODECS:
             continue
         field = "codecs.main" if role == "main" else f"codecs.others.{role}"
@@ -183,13 +196,14 @@ def train_family_task(config: dict, key: str, family: dict, fam_dir: str, device
 
 
 @flow(name="train-codec", flow_run_name="train-codec-{preset}")
-def train_codec_flow(config: dict, preset: str = "demo", time_budget_s: float | None = None) -> dict:
+def train_codec_flow(config: dict, preset: str = "demo", time_budget_s: float | None = None,
+                     only: list[str] | None = None) -> dict:
     from tasks.device import resolve_device
 
     cfg = Config(**config)
     logger = get_run_logger()
     device = resolve_device(cfg.device)
-    families = trainable_families(cfg)
+    families = trainable_families(cfg, only)
     if not families:
         logger.info("train-codec: no learned codec to train (all classical or trained_on='none')")
         return {}
@@ -242,17 +256,21 @@ def train_codec_flow(config: dict, preset: str = "demo", time_budget_s: float | 
 
 
 @holds_output_locks("train-codec")
-def run_train_codec(cfg: Config, time_budget_s: float | None = None, local: bool = False) -> dict:
-    """Train every learned codec family of the configuration; returns, per family key
-    ("<codec>-<trained_on>"): roles, codec (the codec file, None while incomplete),
-    complete, reused, lambdas, bpp, mse, psnr (eval-mode, per lambda), steps, seconds,
-    work_dir, digest. `local=True` runs the tasks in this process (no Dask cluster)."""
+def run_train_codec(cfg: Config, time_budget_s: float | None = None, local: bool = False,
+                    only: Sequence[str] | None = None) -> dict:
+    """Train every learned codec family of the configuration (or those of the labels in
+    `only`); returns, per family key ("<codec>-<trained_on>"): roles, codec (the codec file,
+    None while incomplete), complete, reused, lambdas, bpp, mse, psnr (eval-mode, per
+    lambda), steps, seconds, work_dir, digest. `local=True` runs the tasks in this process
+    (no Dask cluster)."""
     from tasks.device import resolve_device
 
+    trainable_families(cfg, only)  # a wrong label fails here, before a cluster starts
     if local:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         runner = ThreadPoolTaskRunner(max_workers=1)
     else:
         runner = dask_task_runner(cfg, resolve_device(cfg.device))
-    return train_codec_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), cfg.preset, time_budget_s)
+    return train_codec_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), cfg.preset, time_budget_s,
+                                                                   list(only) if only is not None else None)

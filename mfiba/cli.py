@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-codec", help="train (or resume) the configured learned codecs on feature mosaics")
     _common(p)
     p.add_argument("--time-budget-s", type=float, help="stop after this long (resumable)")
+    p.add_argument("--only", action="append", metavar="LABEL",
+                   help="train only this codec label ('main' or a key of codecs.others); repeatable")
 
     p = sub.add_parser("codec-report", help="code stored test features with every configured codec and measure")
     _common(p)
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "train-codec":
                 from flows.train_codec import run_train_codec
 
-                print(json.dumps(run_train_codec(cfg, time_budget_s=args.time_budget_s), indent=2, default=str))
+                result = run_train_codec(cfg, time_budget_s=args.time_budget_s, only=args.only)
+                print(json.dumps(result, indent=2, default=str))
             elif args.command == "precode":
                 from flows.precode import run_precode
 

@@ -204,6 +204,20 @@ def test_settings_from_config_and_options():
         CodecTrainSettings.from_config(TrainCodecConfig(), overrides={"nope": 1})
 
 
+def test_only_trains_the_named_labels_and_names_a_wrong_one():
+    from flows.train_codec import TrainCodecError, trainable_families
+    from mfiba.config import load_config
+
+    cfg = load_config("demo-elic")
+    every = {f["key"]: f["roles"] for f in trainable_families(cfg)}
+    assert len(every) > 1 and "elic-features" in every
+    assert [(f["key"], f["roles"]) for f in trainable_families(cfg, ["elic"])] == [("elic-features", ["elic"])]
+    with pytest.raises(TrainCodecError, match=r"\['nope'\]: no such codec label; labels: \['main'"):
+        trainable_families(cfg, ["elic", "nope"])
+    with pytest.raises(TrainCodecError, match=r"\['main'\]: classical or trained_on='none'"):
+        trainable_families(cfg, ["main"])  # the demo's main codec is AVIF
+
+
 def test_train_codec_flow_trains_then_reuses(tmp_path, prefect_server):
     """The flow, in-process (no Dask cluster): a features family and an RGB family, then a
     rerun that reuses both, then a changed setting that moves the stale family aside."""
