@@ -247,7 +247,7 @@ def train_codec_flow(config: dict, preset: str = "demo", time_budget_s: float | 
     write_manifest(cfg.resolve_path(cfg.run_dir), StageManifest(
         stage="train-codec", config_digest=cfg.digest("codecs", "train_codec"),
         input_hashes={k: str(r.get("digest")) for k, r in results.items()}, items_done=done,
-        extra={"families": results}))
+        extra={"families": results, "only": only}))  # only: the labels trained (None: all)
     for key, r in results.items():
         state = "reused" if r["reused"] else ("trained" if r["complete"] else "INCOMPLETE (rerun to resume)")
         rd = ", ".join(f"{lam:g}: {b:.3f} bpp / {p:.1f} dB" for lam, b, p in zip(r["lambdas"], r["bpp"], r["psnr"]))
@@ -272,5 +272,6 @@ def run_train_codec(cfg: Config, time_budget_s: float | None = None, local: bool
         runner = ThreadPoolTaskRunner(max_workers=1)
     else:
         runner = dask_task_runner(cfg, resolve_device(cfg.device))
+    only = list(only) if only is not None else None
     return train_codec_flow.with_options(task_runner=runner)(cfg.model_dump(mode="json"), cfg.preset, time_budget_s,
-                                                                   list(only) if only is not None else None)
+                                                             only)
