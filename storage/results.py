@@ -81,6 +81,13 @@ class PartTable:
         # Temporary files of an interrupted write start with '.'; they are not parts.
         return {n[:-len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith(".")}
 
+    def has(self, key: str) -> bool:
+        """Whether the part `key` is finished: one lookup. A worker checks its own items with
+        it; listing every part (`keys`) per task or per image grows with the table, which at
+        tens of thousands of images (or on an object store) costs more than the work."""
+        self._part(key)  # the key's check
+        return self.fs.exists(f"{self.root}/parts/{key}.parquet")
+
     def write(self, key: str, frame: pd.DataFrame) -> str:
         path = self._part(key)
         buf = io.BytesIO()

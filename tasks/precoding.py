@@ -298,7 +298,6 @@ def precode_items(settings: PrecodeSettings, image_ids: list[int], quality: int)
     codec = _cached_codec(settings.codec_spec, device)
     store = FeatureStore(settings.store_url, mode="r")
     table = PartTable(settings.table_url, json.loads(settings.table_identity))
-    done = table.keys()
     datasets = {split: (d, i, k) for split, d, i, k in settings.annotations}
     from tasks.device import worker_name
 
@@ -306,7 +305,7 @@ def precode_items(settings: PrecodeSettings, image_ids: list[int], quality: int)
     phi = settings.phis[quality]
     for image_id in image_ids:
         key = part_key(image_id, quality)
-        if key in done:  # a retried task: keep what a previous attempt finished
+        if table.has(key):  # a retried task: keep what a previous attempt finished
             out.reused.append(key)
             continue
         feats, meta, attrs = stored_image(store, image_id, device)

@@ -92,6 +92,7 @@ def test_part_table_is_resumable_atomic_and_refuses_other_identities(tmp_path):
     t.write("image=2-q=0", pd.DataFrame({"image_id": [2], "bits": [20]}))
     (tmp_path / "t" / "parts" / ".image=3-q=0.parquet.abc.tmp").write_bytes(b"half")  # an interrupted write
     assert PartTable(str(tmp_path / "t"), {"codec": "a"}).keys() == {"image=1-q=0", "image=2-q=0"}
+    assert t.has("image=1-q=0") and not t.has("image=3-q=0")  # one lookup; a temporary file is no part
     frame = t.consolidate(sort_by=["image_id"])
     assert frame.bits.tolist() == [10, 20]
     assert PartTable.load(str(tmp_path / "t")).equals(frame)
@@ -100,6 +101,8 @@ def test_part_table_is_resumable_atomic_and_refuses_other_identities(tmp_path):
     assert PartTable(str(tmp_path / "t"), {"codec": "b"}, overwrite=True).keys() == set()
     with pytest.raises(ValueError, match="invalid part key"):
         t.write("../escape", pd.DataFrame())
+    with pytest.raises(ValueError, match="invalid part key"):
+        t.has("../escape")
 
 
 def test_part_table_behind_an_fsspec_url():
@@ -107,6 +110,7 @@ def test_part_table_behind_an_fsspec_url():
     t = PartTable(url, {"codec": "a"})
     t.write("image=1-q=0", pd.DataFrame({"image_id": [1], "bits": [10]}))
     assert PartTable(url, {"codec": "a"}).keys() == {"image=1-q=0"}
+    assert t.has("image=1-q=0") and not t.has("image=2-q=0")
     t.consolidate()
     assert PartTable.load(url).bits.tolist() == [10]
     other = PartTable.for_identity("memory://mfiba-tests/t", {"codec": "b"})

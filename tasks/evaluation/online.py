@@ -106,7 +106,7 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
 
     table = PartTable(settings.weights_url, json.loads(settings.weights_identity))
     key = weights_key(image_id, pool_modes)
-    if key in table.keys():
+    if table.has(key):
         return ItemResult(reused=[key])
     t0 = time.perf_counter()
     model, dataset, store, device = _parts(settings)
@@ -145,7 +145,7 @@ def encode_items(settings: EvalSettings, image_id: int, entries: list[dict]) -> 
     from storage.urls import is_local, local_path
 
     out = ItemResult()
-    done = PartTable(settings.detections_url, json.loads(settings.detections_identity)).keys()
+    table = PartTable(settings.detections_url, json.loads(settings.detections_identity))
     _model, _dataset, store, _device = _parts(settings)
     feats = None
     payloads: dict[str, dict] = {}  # per codec: (scale, phi) -> payload, shared by this image's streams
@@ -153,7 +153,7 @@ def encode_items(settings: EvalSettings, image_id: int, entries: list[dict]) -> 
     for e in entries:
         key = item_key(image_id, e)
         path = stream_path(settings, image_id, e)
-        if key in done or (is_local(path) and local_path(path).exists()):
+        if table.has(key) or (is_local(path) and local_path(path).exists()):
             out.reused.append(key)
             continue
         if feats is None:
@@ -184,7 +184,6 @@ def decode_items(settings: EvalSettings, image_id: int, entries: list[dict]) -> 
     from tasks.models.registry import SplitMeta
 
     table = PartTable(settings.detections_url, json.loads(settings.detections_identity))
-    done = table.keys()
     model, _dataset, store, device = _parts(settings)
     attrs = store.read_attrs(image_id)
     meta = SplitMeta([tuple(attrs["model_input_size"])], [tuple(attrs["input_size"])], tuple(attrs["batch_shape"]))
@@ -193,7 +192,7 @@ def decode_items(settings: EvalSettings, image_id: int, entries: list[dict]) -> 
     t0 = time.perf_counter()
     for e in entries:
         key = item_key(image_id, e)
-        if key in done:
+        if table.has(key):
             out.reused.append(key)
             continue
         data = read_stream(stream_path(settings, image_id, e))
