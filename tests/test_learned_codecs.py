@@ -151,12 +151,12 @@ def test_deterministic_context_skips_the_nan_fill_and_restores_torch_state():
     guarantee: decoding is bit exact without it, pinned above); outside, torch as it was."""
     from tasks.codecs.learned import _deterministic
 
-    fill = torch.utils.deterministic.fill_uninitialized_memory
+    fill, deterministic = torch.utils.deterministic.fill_uninitialized_memory, torch.are_deterministic_algorithms_enabled()
     with _deterministic(1):
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.utils.deterministic.fill_uninitialized_memory
     assert torch.utils.deterministic.fill_uninitialized_memory == fill
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
 
 
 @pytest.mark.parametrize("name", NAMES)
