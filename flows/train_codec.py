@@ -47,23 +47,17 @@ def _sha(obj) -> str:
 
 def trainable_families(cfg: Config, only: Sequence[str] | None = None) -> list[dict]:
     """The families to train: [{key, roles, spec (json dict)}], in config order (main first).
-    `only`: codec labels ("main" or keys of codecs.others); the families of the others are
-    left as they are (neither trained nor checked)."""
+    `only`: codec labels ("main" or keys of codecs.others); only the families holding one
+    of them are returned, under the keys (work folders) a full run gives them."""
     from tasks.codecs.base import CLASSICAL_CODECS, available_codecs
 
     trainable = sorted(set(available_codecs()) - set(CLASSICAL_CODECS))
-    labelled = [("main", cfg.codecs.main), *cfg.codecs.others.items()]
-    if only is not None:
-        unknown = [label for label in only if label not in dict(labelled)]
-        if unknown:
-            raise TrainCodecError(f"--only {unknown}: no such codec label; labels: {[r for r, _ in labelled]}")
-        untrained = [label for label, spec in labelled if label in only
-                     and (spec.trained_on == "none" or spec.name in CLASSICAL_CODECS)]
-        if untrained:
-            raise TrainCodecError(f"--only {untrained}: classical or trained_on='none', nothing to train")
-        labelled = [(role, spec) for role, spec in labelled if role in only]
+    labels = ["main", *cfg.codecs.others]
+    unknown = [label for label in only or () if label not in labels]
+    if unknown:
+        raise TrainCodecError(f"--only {unknown}: no such codec label; labels: {labels}")
     families: dict[str, dict] = {}
-    for role, spec in labelled:
+    for role, spec in [("main", cfg.codecs.main), *cfg.codecs.others.items()]:
         if spec.trained_on == "none" or spec.name in CLASSICAL_CODECS:
             continue
         field = "codecs.main" if role == "main" else f"codecs.others.{role}"
@@ -86,7 +80,12 @@ def trainable_families(cfg: Config, only: Sequence[str] | None = None) -> list[d
     for base, fam in zip(base_names, families.values()):
         fam["key"] = base if base_names.count(base) == 1 else f"{base}-{fam['spec_digest'][:8]}"
         out.append(fam)
-    return out
+    if only is None:
+        return out
+    untrained = [label for label in only if not any(label in fam["roles"] for fam in out)]
+    if untrained:
+        raise TrainCodecError(f"--only {untrained}: classical or trained_on='none', nothing to train")
+    return [fam for fam in out if set(fam["roles"]) & set(only)]
 
 
 def _family_data(cfg: Config, trained_on: str, cache: dict) -> dict:
