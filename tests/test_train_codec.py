@@ -216,6 +216,12 @@ def test_only_trains_the_named_labels_and_names_a_wrong_one():
         trainable_families(cfg, ["elic", "nope"])
     with pytest.raises(TrainCodecError, match=r"\['main'\]: classical or trained_on='none'"):
         trainable_families(cfg, ["main"])  # the demo's main codec is AVIF
+    # Two families of one codec on one input: each keeps its full run's key (work folder).
+    tiny = {"name": "bmshj2018-hyperprior", "M": 24, "phis": [0.013], "trained_on": "features"}
+    two = load_config("demo", {"codecs.others": {"a": {**tiny, "N": 16}, "b": {**tiny, "N": 8}}})
+    keys = {f["roles"][0]: f["key"] for f in trainable_families(two)}
+    assert keys["a"] != keys["b"] and keys["a"].startswith("bmshj2018-hyperprior-features-")
+    assert [f["key"] for f in trainable_families(two, ["b"])] == [keys["b"]]
 
 
 def test_train_codec_flow_trains_then_reuses(tmp_path, prefect_server):
