@@ -175,29 +175,38 @@ PROFILE_GROUPS = {"conv2d / conv_transpose2d (codec transforms, RPN head)": ("co
 
 
 def _batched_parts(model, codec, fn, repeats: int = 3) -> dict:
-    """Seconds inside each network part during one batched precoding (forward hooks; median
-    of repeats): the codec's analysis and synthesis transforms, the RPN and the RoI heads.
-    The synthesis of every (quality, scale) pass is work no implementation can skip with the
-    same weights: the floor the goals are measured against."""
+    """Seconds inside each network part during one batched precoding (global forward hooks;
+    median of repeats): the codec's analysis and synthesis transforms, the RPN and the RoI
+    heads. The synthesis of every (quality, scale) pass is work no implementation can skip
+    with the same weights: the floor the goals are measured against."""
     import torch
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    from tasks.models.registry import ReusingRpn
+
+    parts: dict[int, str] = {}  # id(module) -> part
+    nets = [net for net in getattr(codec, "models", []) if isinstance(net, torch.nn.Module)]
+    for name in ("g_a", "h_a", "h_s", "g_s"):
+        parts.update({id(getattr(net, name)): f"codec {name}" for net in nets if hasattr(net, name)})  # all rate points
+    parts[id(model.net.roi_heads)] = "roi heads (box path, postprocess)"
+
+    def part_of(module):  # the passes' RPN is PassReuse's stand-in, made per call
+        return "rpn (head, proposals)" if isinstance(module, ReusingRpn) else parts.get(id(module))
 
     totals: dict[str, list[float]] = {}
     acc: dict[str, float] = {}
-    handles = []
+    started: dict[int, float] = {}
 
-    def hook(name, module):
-        start = {}
-        handles.append(module.register_forward_pre_hook(lambda m, i: start.__setitem__("t", time.perf_counter())))
-        handles.append(module.register_forward_hook(
-            lambda m, i, o: acc.__setitem__(name, acc.get(name, 0.0) + time.perf_counter() - start["t"])))
+    def before(module, args):
+        if part_of(module):
+            started[id(module)] = time.perf_counter()
 
-    nets = [net for net in getattr(codec, "models", []) if isinstance(net, torch.nn.Module)]
-    for name in ("g_a", "h_a", "h_s", "g_s"):
-        for net in nets:  # every rate point of a fixed-rate family
-            if hasattr(net, name):
-                hook(f"codec {name}", getattr(net, name))
-    hook("rpn (head, proposals)", model.net.rpn)
-    hook("roi heads (box path, postprocess)", model.net.roi_heads)
+    def after(module, args, out):
+        name = part_of(module)
+        if name:
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - started.pop(id(module))
+
+    handles = [register_module_forward_pre_hook(before), register_module_forward_hook(after)]
     try:
         for _ in range(repeats):
             acc.clear()

@@ -349,3 +349,32 @@ def test_transforms_run_on_channels_last_input(name):
     hooks = len(net.g_s._forward_pre_hooks), len(net.g_a._forward_pre_hooks)
     LearnedCodec(codec.models, codec.lambdas, architecture=codec.architecture, update=False)
     assert (len(net.g_s._forward_pre_hooks), len(net.g_a._forward_pre_hooks)) == hooks
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_channels_last_gdn_matches_compressai_and_keeps_the_weights(inverse):
+    """The GDN of the codecs' transforms: compressai's arithmetic on channels-last input as
+    one matrix product (its 1x1 convolution otherwise takes torch's one-thread slow path),
+    compressai's own forward on any other layout, and the same state_dict keys."""
+    from compressai.layers import GDN
+
+    from tasks.codecs.layers import ChannelsLastGDN, use_channels_last_gdn
+
+    torch.manual_seed(0)
+    reference = GDN(16, inverse=inverse)
+    with torch.no_grad():  # away from the initial identity-like gamma, so a wrong transpose shows
+        reference.gamma.add_(0.05 * torch.rand(16, 16))
+        reference.beta.add_(0.1 * torch.rand(16))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), reference)
+    keys = list(net.state_dict())
+    x = torch.rand(2, 16, 9, 7)
+    with torch.no_grad():
+        want = reference(x)
+        use_channels_last_gdn(net)
+        assert type(net[1]) is ChannelsLastGDN and list(net.state_dict()) == keys
+        got = net[1](x.contiguous(memory_format=torch.channels_last))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(net[1](x), want, rtol=0, atol=0)  # NCHW: compressai's forward
+    codec = build("mean-scale-vbr")
+    assert {type(m) for m in codec.models[0].g_s.modules()} & {GDN, ChannelsLastGDN} == {ChannelsLastGDN}

@@ -284,10 +284,13 @@ class LearnedCodec(FeatureCodec):
 
         self.models = [m.to("cpu").eval() for m in models]
         if architecture not in EXTERNAL_ARCHITECTURES:  # compressai's all-convolutional g_a, g_s
+            from tasks.codecs.layers import use_channels_last_gdn
+
             for transform in [t for m in self.models for t in (m.g_a, m.g_s)]:
                 if not getattr(transform, "_mfiba_channels_last", False):
                     transform.register_forward_pre_hook(_channels_last_input)
                     transform.register_forward_hook(_contiguous_output)
+                    use_channels_last_gdn(transform)
                     transform._mfiba_channels_last = True
         self.lambdas = lams
         self.architecture = architecture

@@ -46,35 +46,41 @@ def _category_precision(gt_boxes, gt_crowd, dt_boxes, dt_scores) -> np.ndarray |
     ious = _box_iou(dt_boxes, gt_boxes, gt_crowd) if n_d and n_g else np.zeros((n_d, n_g))
     matched = np.zeros((n_t, n_d), bool)
     ignored = np.zeros((n_t, n_d), bool)
-    for t, threshold in enumerate(IOU_THRESHOLDS):
-        gt_taken = np.zeros(n_g, bool)
-        for d in range(n_d):
-            best, m = min(threshold, 1 - 1e-10), -1
+    # Thresholds in ascending order, each detection in score order against the ground truth
+    # it may still take (the order of the loops does not matter: each threshold keeps its own
+    # taken set). A detection whose best IoU is under a threshold matches nothing there or
+    # above: it skips them (most of a weak pass's detections skip all ten).
+    starts = [min(t, 1 - 1e-10) for t in IOU_THRESHOLDS]
+    reachable = np.searchsorted(starts, ious.max(1) if n_g else np.zeros(n_d), side="right").tolist()
+    crowd = gt_crowd.tolist()
+    gt_taken = [[False] * n_g for _ in range(n_t)]
+    for d, row in enumerate(ious.tolist()):
+        for t in range(reachable[d]):
+            taken = gt_taken[t]
+            best, m = starts[t], -1
             for g in range(n_g):
-                if gt_taken[g] and not gt_crowd[g]:
+                if taken[g] and not crowd[g]:
                     continue
-                if m > -1 and not gt_crowd[m] and gt_crowd[g]:
+                if m > -1 and not crowd[m] and crowd[g]:
                     break
-                if ious[d, g] < best:
+                if row[g] < best:
                     continue
-                best, m = ious[d, g], g
+                best, m = row[g], g
             if m == -1:
                 continue
-            ignored[t, d], matched[t, d], gt_taken[m] = gt_crowd[m], True, True
+            ignored[t, d], matched[t, d], taken[m] = crowd[m], True, True
     tps = np.cumsum(matched & ~ignored, axis=1).astype(float)
     fps = np.cumsum(~matched & ~ignored, axis=1).astype(float)
-    out = np.zeros((n_t, len(RECALL_THRESHOLDS)))
-    for t in range(n_t):
-        tp, fp = tps[t], fps[t]
-        recall = tp / n_gt_kept
-        precision = (tp / (fp + tp + np.spacing(1))).tolist()
-        for i in range(n_d - 1, 0, -1):
-            if precision[i] > precision[i - 1]:
-                precision[i - 1] = precision[i]
-        picks = np.searchsorted(recall, RECALL_THRESHOLDS, side="left")
-        valid = picks < n_d  # a prefix: COCOeval fills q until the first pick past the end
-        out[t, valid] = np.asarray(precision)[picks[valid]]
-    return out
+    recall = tps / n_gt_kept
+    # COCOeval's backward loop precision[i-1] = max(precision[i-1], precision[i]): the
+    # running maximum from the end (max is exact, so the same floats)
+    precision = np.maximum.accumulate((tps / (fps + tps + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
+    if n_d == 0:
+        return np.zeros((n_t, len(RECALL_THRESHOLDS)))
+    # searchsorted(recall[t], RECALL_THRESHOLDS, 'left') for every t: the recalls under each
+    # threshold, counted. A pick past the end gives 0: COCOeval fills q until the first one.
+    picks = (recall[:, :, None] < RECALL_THRESHOLDS[None, None, :]).sum(1)
+    return np.where(picks < n_d, np.take_along_axis(precision, np.minimum(picks, n_d - 1), 1), 0.0)
 
 
 def bbox_ap_one_image(gt_annotations: list[dict], results: list[dict], category_ids) -> tuple[float, float]:

@@ -124,9 +124,11 @@ class PassReuse:
 
     Pass b changed only the scales in changed[b]. Two parts of the heads work per level or
     per proposal, so their lossless results carry over exactly:
-    - the RPN head runs on each level separately: a level a pass did not change has the
-      lossless objectness and deltas (computed once and copied), so the precoding's
-      m x scales passes cost about m full RPN heads instead of m x scales;
+    - the RPN works on each level separately up to its last step (head, anchors, top-n,
+      decoding, clipping, NMS: torchvision's batched NMS runs per level): a level a pass
+      did not change has the lossless candidates and NMS survivors, so the precoding's
+      m x scales passes cost about m full RPNs instead of m x scales; only the merge of
+      the levels by score runs per pass;
     - a proposal equal (same coordinates) to a lossless one and pooled from a level the pass
       did not change has the lossless box features, hence the lossless class logits and box
       deltas: the RoI pooling and box head run only on the other proposals.
@@ -143,13 +145,25 @@ class PassReuse:
         with torch.no_grad(), COMPUTE_LOCK:
             dummy = torch.empty((1, 3, *meta.batch_shape), device=model.device)
             image_list = ImageList(dummy, [tuple(s) for s in meta.image_sizes])
-            captured = []  # the RPN head's outputs, kept from the RPN's own call of it
-            hook = net.rpn.head.register_forward_hook(lambda m, args, out: captured.append(out))
+            captured = {}  # what the RPN's own call hands its last step: decoded boxes, scores
+
+            def capture(boxes, objectness, image_shapes, anchors_per_level):
+                captured.update(boxes=boxes[0], objectness=objectness.reshape(-1), counts=anchors_per_level)
+                return type(net.rpn).filter_proposals(net.rpn, boxes, objectness, image_shapes, anchors_per_level)
+
+            net.rpn.filter_proposals = capture
             try:
                 proposals, _ = net.rpn(image_list, feats)
             finally:
-                hook.remove()
-            self.rpn_outputs = captured[0]
+                del net.rpn.filter_proposals
+            self.lossless_proposals = proposals[0]
+            self.anchors = net.rpn.anchor_generator(image_list, list(feats.values()))[0]
+            starts = [sum(captured["counts"][:i]) for i in range(len(SCALES))]
+            self.level_slices = [slice(a, a + n) for a, n in zip(starts, captured["counts"])]
+            # per level: the candidates (boxes, scores) entering NMS and the survivors' indices
+            self.lossless_levels = [
+                _level_candidates(net.rpn, captured["objectness"][sl], captured["boxes"][sl].__getitem__,
+                                  meta.image_sizes[0]) for sl in self.level_slices]
             rh = net.roi_heads
             logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, proposals, image_list.image_sizes)))
         self.n_classes = logits.shape[1]
@@ -167,38 +181,77 @@ class PassReuse:
 
     @contextlib.contextmanager
     def installed(self, net):
-        rpn, rh = net.rpn, net.roi_heads
-        saved = rpn.head, rh.box_roi_pool, rh.box_head, rh.box_predictor
-        rpn.head = _ReusingRpnHead(saved[0], self)
+        rh = net.roi_heads
+        saved = net.rpn, rh.box_roi_pool, rh.box_head, rh.box_predictor
+        net.rpn = ReusingRpn(saved[0], self)
         rh.box_roi_pool = _ReusingBoxPath(saved[1], saved[2], saved[3], self)
         rh.box_head, rh.box_predictor = nn.Identity(), _SplitPredictions(self.n_classes)
         try:
             yield
         finally:
-            rpn.head, rh.box_roi_pool, rh.box_head, rh.box_predictor = saved
+            net.rpn, rh.box_roi_pool, rh.box_head, rh.box_predictor = saved
 
 
-class _ReusingRpnHead(nn.Module):
-    def __init__(self, head: nn.Module, reuse: PassReuse):
+def _level_candidates(rpn: nn.Module, logits: torch.Tensor, boxes_at: Callable, image_size) -> tuple:
+    """One level of torchvision's RegionProposalNetwork.filter_proposals for one image: the
+    level's top-n by objectness logit, their boxes (`boxes_at(indices)`: decoded), sigmoid,
+    clipping, small and low-score removal, then NMS. Returns (candidates, their scores, the
+    NMS survivors' indices in candidate order)."""
+    from torchvision.ops import boxes as box_ops
+
+    _, top = logits.topk(min(rpn.pre_nms_top_n(), logits.numel()))
+    boxes, scores = box_ops.clip_boxes_to_image(boxes_at(top), image_size), torch.sigmoid(logits[top])
+    keep = box_ops.remove_small_boxes(boxes, rpn.min_size)
+    boxes, scores = boxes[keep], scores[keep]
+    keep = torch.where(scores >= rpn.score_thresh)[0]
+    boxes, scores = boxes[keep], scores[keep]
+    return boxes, scores, box_ops.nms(boxes, scores, rpn.nms_thresh).sort().values
+
+
+class ReusingRpn(nn.Module):
+    """Stands in for the RPN (inference): a pass's proposals from the lossless candidates
+    of the levels it did not change and new ones, head to NMS, for the levels it did.
+
+    The merge is torchvision's batched NMS as it runs on CPU for more than 1,000 candidates
+    (the demo's 1,740, a COCO image's 4,000 and more): NMS level by level, the survivors in
+    candidate order, sorted by score, then the post-NMS top-n. The lossless pass itself gets
+    torchvision's own proposals."""
+
+    def __init__(self, rpn: nn.Module, reuse: PassReuse):
         super().__init__()
-        self.head, self.reuse = head, reuse
+        self.rpn, self.reuse = rpn, reuse
 
-    def forward(self, x: list[torch.Tensor]):
+    def forward(self, images, features: "OrderedDict[str, torch.Tensor]", targets=None):
+        reuse, rpn = self.reuse, self.rpn
+        x = list(features.values())
         n = x[0].shape[0]
-        if n != len(self.reuse.changed):
-            raise ValueError(f"PassReuse: {len(self.reuse.changed)} passes described, batch has {n}")
-        logits, deltas = [], []
-        for level, (scale, feature) in enumerate(zip(SCALES, x)):
-            base_logits, base_deltas = self.reuse.rpn_outputs[0][level], self.reuse.rpn_outputs[1][level]
-            out_logits = base_logits.expand(n, *base_logits.shape[1:]).clone()
-            out_deltas = base_deltas.expand(n, *base_deltas.shape[1:]).clone()
-            rows = [b for b, c in enumerate(self.reuse.changed) if scale in c]
-            if rows:
-                computed_logits, computed_deltas = self.head([feature[rows]])
-                out_logits[rows], out_deltas[rows] = computed_logits[0], computed_deltas[0]
-            logits.append(out_logits)
-            deltas.append(out_deltas)
-        return logits, deltas
+        if n != len(reuse.changed):
+            raise ValueError(f"PassReuse: {len(reuse.changed)} passes described, batch has {n}")
+        levels: list[list] = [list(reuse.lossless_levels) for _ in range(n)]
+        for level, scale in enumerate(SCALES):
+            rows = [b for b, c in enumerate(reuse.changed) if scale in c]
+            if not rows:
+                continue
+            logits, deltas = rpn.head([x[level][rows]])  # the rows' level in one batch
+            anchors = reuse.anchors[reuse.level_slices[level]]
+            for k, b in enumerate(rows):  # torchvision's (H, W, anchor) order, as the anchors
+                level_logits = logits[0][k].permute(1, 2, 0).reshape(-1)
+                level_deltas = deltas[0][k].view(-1, 4, *deltas[0].shape[-2:]).permute(2, 3, 0, 1).reshape(-1, 4)
+                levels[b][level] = _level_candidates(  # decodes the top-n only
+                    rpn, level_logits, lambda top: rpn.box_coder.decode_single(level_deltas[top], anchors[top]),
+                    images.image_sizes[b])
+        proposals = []
+        for b in range(n):
+            if not reuse.changed[b]:
+                proposals.append(reuse.lossless_proposals)
+                continue
+            sizes = [len(boxes) for boxes, _, _ in levels[b]]
+            boxes = torch.cat([boxes for boxes, _, _ in levels[b]])
+            scores = torch.cat([scores for _, scores, _ in levels[b]])
+            keep = torch.cat([kept + sum(sizes[:i]) for i, (_, _, kept) in enumerate(levels[b])])
+            keep = keep[scores[keep].sort(descending=True)[1]][: rpn.post_nms_top_n()]
+            proposals.append(boxes[keep])
+        return proposals, {}
 
 
 class _ReusingBoxPath(nn.Module):

@@ -1,0 +1,34 @@
+"""compressai layers recast for the channels-last tensors the codecs run on (see
+`learned._channels_last_input`). Imports compressai: import this module lazily."""
+from __future__ import annotations
+
+import torch
+from compressai.layers import GDN
+from torch import nn
+
+
+class ChannelsLastGDN(GDN):
+    """compressai's GDN (and inverse GDN), same parameters and state_dict, with the 1x1
+    normalisation convolution done as one matrix product over the pixels, bias included.
+
+    On one thread torch sends a 1x1 convolution to its slow path, which copies a
+    channels-last input to NCHW and fills the output with the bias before its product; the
+    synthesis runs three of them per call and precoding m x scales calls. Same products
+    and sums per pixel (measured bit for bit on the demo VBR's synthesis); an input that is
+    not channels-last takes compressai's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x.permute(0, 2, 3, 1)  # a plain view when x is channels-last
+        if not pixels.is_contiguous():
+            return super().forward(x)
+        flat = pixels.reshape(-1, x.shape[1])
+        norm = torch.addmm(self.beta_reparam(self.beta), flat * flat, self.gamma_reparam(self.gamma).t())
+        norm = norm.sqrt_() if self.inverse else norm.rsqrt_()
+        return (flat * norm).view(pixels.shape).permute(0, 3, 1, 2)
+
+
+def use_channels_last_gdn(transform: nn.Module) -> None:
+    """Swap the class of every plain GDN in `transform` (weights, keys and hooks stay)."""
+    for module in transform.modules():
+        if type(module) is GDN:
+            module.__class__ = ChannelsLastGDN
