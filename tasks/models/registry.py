@@ -263,19 +263,21 @@ class _ReusingBoxPath(nn.Module):
         self.pool, self.head, self.predictor, self.reuse = pool, head, predictor, reuse
 
     def forward(self, features, proposals: list[torch.Tensor], image_shapes):
-        reuse = self.reuse
-        names = list(self.pool.featmap_names)
-        counts = [len(p) for p in proposals]
-        out = reuse.lossless_boxes.new_empty((sum(counts), reuse.lossless_boxes.shape[1]))
-        need, copy_to, copy_from, offset = [], [], [], 0
+        from torchvision.ops import roi_align
+
+        reuse, pool = self.reuse, self.pool
+        names = list(pool.featmap_names)
+        out = reuse.lossless_boxes.new_empty((sum(len(p) for p in proposals), reuse.lossless_boxes.shape[1]))
+        need: dict[int, list] = {k: [] for k in range(len(names))}  # level -> rows of out to compute
+        copy_to, copy_from, offset = [], [], 0
         for b, boxes in enumerate(proposals):
-            levels = self.pool.map_levels([boxes]).tolist()  # set up by the lossless pass
+            levels = pool.map_levels([boxes]).tolist()  # set up by the lossless pass
             changed = {k for k, name in enumerate(names) if name in reuse.changed[b]}
             rows = boxes.cpu().numpy()
             for i in range(len(boxes)):
                 j = reuse.lossless_index.get(rows[i].tobytes())
                 if j is None or levels[i] in changed:
-                    need.append((b, i))
+                    need[levels[i]].append(offset + i)
                 else:
                     copy_to.append(offset + i)
                     copy_from.append(j)
@@ -283,14 +285,17 @@ class _ReusingBoxPath(nn.Module):
         if copy_to:  # one gather: row-by-row tensor assignment cost more than the box head
             out[torch.tensor(copy_to, device=out.device)] = reuse.lossless_boxes[
                 torch.tensor(copy_from, device=out.device)]
-        reuse.rows["computed"] += len(need)
+        reuse.rows["computed"] += sum(len(rows) for rows in need.values())
         reuse.rows["total"] += len(out)
-        if need:
-            subsets = [proposals[b][[i for bb, i in need if bb == b]] for b in range(len(proposals))]
-            logits, deltas = self.predictor(self.head(self.pool(features, subsets, image_shapes)))
-            starts = [sum(counts[:b]) for b in range(len(counts))]
-            where = torch.tensor([starts[b] + i for b, i in need], device=out.device)
-            out[where] = torch.cat([logits, deltas], dim=1)
+        # MultiScaleRoIAlign's per-level roi_align, with each level's rows going on to the box
+        # head directly: no zero-filled (rows, C, 7, 7) result to scatter the levels into.
+        rois = torch.cat([torch.cat([p.new_full((len(p), 1), b), p], dim=1) for b, p in enumerate(proposals)])
+        for level, rows in need.items():
+            if rows:
+                rows = torch.tensor(rows, device=out.device)
+                pooled = roi_align(features[names[level]], rois[rows], pool.output_size, pool.scales[level],
+                                   pool.sampling_ratio)
+                out[rows] = torch.cat(self.predictor(self.head(pooled)), dim=1)
         return out
 
 
