@@ -376,5 +376,8 @@ def test_channels_last_gdn_matches_compressai_and_keeps_the_weights(inverse):
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(net[1](x), want, rtol=0, atol=0)  # NCHW: compressai's forward
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    net[1](x_cl).sum().backward()  # trainable: no in-place step autograd needs
+    assert x_cl.grad is not None and torch.isfinite(x_cl.grad).all()
     codec = build("mean-scale-vbr")
     assert {type(m) for m in codec.models[0].g_s.modules()} & {GDN, ChannelsLastGDN} == {ChannelsLastGDN}
