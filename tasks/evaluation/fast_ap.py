@@ -46,10 +46,10 @@ def _category_precision(gt_boxes, gt_crowd, dt_boxes, dt_scores) -> np.ndarray |
     ious = _box_iou(dt_boxes, gt_boxes, gt_crowd) if n_d and n_g else np.zeros((n_d, n_g))
     matched = np.zeros((n_t, n_d), bool)
     ignored = np.zeros((n_t, n_d), bool)
-    # Thresholds in ascending order, each detection in score order against the ground truth
-    # it may still take (the order of the loops does not matter: each threshold keeps its own
-    # taken set). A detection whose best IoU is under a threshold matches nothing there or
-    # above: it skips them (most of a weak pass's detections skip all ten).
+    # COCOeval's greedy matching with the loops swapped (each threshold keeps its own taken
+    # set, so the order does not matter): detections in score order, each at the thresholds
+    # it can reach. Under a threshold, its best IoU matches nothing there or above, so those
+    # are skipped (most of a weak pass's detections skip all ten).
     starts = [min(t, 1 - 1e-10) for t in IOU_THRESHOLDS]
     reachable = np.searchsorted(starts, ious.max(1) if n_g else np.zeros(n_d), side="right").tolist()
     crowd = gt_crowd.tolist()
@@ -71,12 +71,12 @@ def _category_precision(gt_boxes, gt_crowd, dt_boxes, dt_scores) -> np.ndarray |
             ignored[t, d], matched[t, d], taken[m] = crowd[m], True, True
     tps = np.cumsum(matched & ~ignored, axis=1).astype(float)
     fps = np.cumsum(~matched & ~ignored, axis=1).astype(float)
+    if n_d == 0:
+        return np.zeros((n_t, len(RECALL_THRESHOLDS)))
     recall = tps / n_gt_kept
     # COCOeval's backward loop precision[i-1] = max(precision[i-1], precision[i]): the
     # running maximum from the end (max is exact, so the same floats)
     precision = np.maximum.accumulate((tps / (fps + tps + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
-    if n_d == 0:
-        return np.zeros((n_t, len(RECALL_THRESHOLDS)))
     # searchsorted(recall[t], RECALL_THRESHOLDS, 'left') for every t: the recalls under each
     # threshold, counted. A pick past the end gives 0: COCOeval fills q until the first one.
     picks = (recall[:, :, None] < RECALL_THRESHOLDS[None, None, :]).sum(1)
