@@ -145,19 +145,22 @@ class PassReuse:
         with torch.no_grad(), COMPUTE_LOCK:
             dummy = torch.empty((1, 3, *meta.batch_shape), device=model.device)
             image_list = ImageList(dummy, [tuple(s) for s in meta.image_sizes])
-            captured = {}  # what the RPN's own call hands its last step: decoded boxes, scores
+            captured = {}  # from the RPN's own call: its anchors, and the decoded boxes and scores
 
             def capture(boxes, objectness, image_shapes, anchors_per_level):
                 captured.update(boxes=boxes[0], objectness=objectness.reshape(-1), counts=anchors_per_level)
                 return type(net.rpn).filter_proposals(net.rpn, boxes, objectness, image_shapes, anchors_per_level)
 
             net.rpn.filter_proposals = capture
+            hook = net.rpn.anchor_generator.register_forward_hook(
+                lambda m, args, anchors: captured.update(anchors=anchors[0]))
             try:
                 proposals, _ = net.rpn(image_list, feats)
             finally:
                 del net.rpn.filter_proposals
+                hook.remove()
             self.lossless_proposals = proposals[0]
-            self.anchors = net.rpn.anchor_generator(image_list, list(feats.values()))[0]
+            self.anchors = captured["anchors"]  # the RPN's own, not generated a second time
             starts = [sum(captured["counts"][:i]) for i in range(len(SCALES))]
             self.level_slices = [slice(a, a + n) for a, n in zip(starts, captured["counts"])]
             # per level: the candidates (boxes, scores) entering NMS and the survivors' indices
