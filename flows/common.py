@@ -6,11 +6,13 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import os
 import time
 
 import dask
 
 from mfiba.config import Config
+from mfiba.runtime import ALLOCATOR_ENV
 
 
 def dask_task_runner(cfg: Config, device: str):
@@ -24,8 +26,9 @@ def dask_task_runner(cfg: Config, device: str):
     # distributed's nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers. Setting it turns
     # off glibc's dynamic mmap threshold, so every torch buffer over 128 KiB is a fresh mmap
     # and munmap: measured here, codec training spent 45% of its CPU time in the kernel and
-    # ran at half speed. Workers keep glibc's defaults (the variable, if set, is inherited).
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    # ran at half speed. Workers get this process's allocator settings instead (runtime).
+    dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": os.environ.get(key, value)
+                     for key, value in ALLOCATOR_ENV.items()})
     # silence_logs: the nannies' shutdown chatter ("still alive after 4 s, killing") is not news.
     kwargs = dict(n_workers=cfg.dask.n_workers, threads_per_worker=cfg.dask.threads_per_worker,
                   memory_limit=cfg.dask.memory_limit, dashboard_address=":0", silence_logs=logging.ERROR)

@@ -61,7 +61,36 @@ def local_state_env(state: Path) -> dict[str, str]:
         # compressai calls torch.jit.script at import; torch 2.14 warns about it in every
         # worker process. Inherited by Dask workers through the environment.
         "PYTHONWARNINGS": "ignore:`torch.jit.script` is deprecated:FutureWarning",
+        **ALLOCATOR_ENV,
     }
+
+
+# glibc malloc settings for every process (read from the environment at process start;
+# `setup_local_state` applies them to its own process with mallopt). Torch's large buffers
+# (one 160x160x64 activation of the demo synthesis is 6.5 MB) then stay on the heap between
+# calls instead of coming back as fresh pages that fault in again: on this machine a VBR
+# batched precoding took 27,000 to 63,000 page faults with glibc's defaults and about 400
+# with these, and ran about 7% faster (same results). 32 MiB is glibc's largest mmap
+# threshold; the trim threshold bounds the free heap a process keeps (per arena).
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+_MALLOPT_PARAMS = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # glibc's M_* numbers
+
+
+def apply_allocator_env() -> bool:
+    """Apply this process's MALLOC_*_THRESHOLD_ variables with glibc's mallopt, as glibc
+    does for a process started with them. False where there is no glibc (macOS, musl)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: glibc's, where there is one
+    except (OSError, AttributeError):
+        return False
+    done = True
+    for key, param in _MALLOPT_PARAMS.items():
+        value = os.environ.get(key)
+        if value and value.isdigit():
+            done = bool(mallopt(param, int(value))) and done
+    return done
 
 
 _STATE_DIR_VARS = ("PREFECT_HOME", "TORCH_HOME", "MPLCONFIGDIR", "DASK_TEMPORARY_DIRECTORY")
@@ -80,6 +109,7 @@ def setup_local_state(repo_root: Path | None = None) -> Path:
         os.environ.setdefault(key, value)
     for key in _STATE_DIR_VARS:
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    apply_allocator_env()
     # PYTHONWARNINGS reaches child processes only; this process needs the filter itself.
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     if changed_home and "prefect" in sys.modules:

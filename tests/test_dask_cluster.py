@@ -78,18 +78,21 @@ def test_gpu_tagged_precoding_runs_only_on_the_worker_declaring_a_gpu(tmp_path, 
             proc.wait(timeout=30)
 
 
-def test_local_cluster_workers_keep_glibc_malloc_defaults(monkeypatch):
+def test_local_cluster_workers_get_the_allocator_settings(monkeypatch):
     """distributed's nannies export MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
     dynamic mmap threshold: torch then maps and unmaps every large buffer (codec training ran
-    at half speed, 45% of its CPU time in the kernel). The local runner's workers go without it."""
+    at half speed, 45% of its CPU time in the kernel). The local runner's workers get the
+    project's allocator settings instead (mfiba.runtime.ALLOCATOR_ENV)."""
     from distributed import Client, LocalCluster
 
     from flows.common import dask_task_runner
     from mfiba.config import load_config
+    from mfiba.runtime import ALLOCATOR_ENV
 
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    for key in ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
     dask_task_runner(load_config("demo"), "cpu")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
-    assert list(env.values()) == [None]
+        env = client.run(lambda: {key: os.environ.get(key) for key in ALLOCATOR_ENV})
+    assert list(env.values()) == [ALLOCATOR_ENV]

@@ -55,6 +55,8 @@ def test_setup_local_state_sets_defaults(monkeypatch, tmp_path):
     assert os.environ["MPLCONFIGDIR"] == str(state / "matplotlib")
     assert os.environ["DASK_TEMPORARY_DIRECTORY"] == str(state / "dask")
     assert "PREFECT_API_URL" not in os.environ
+    for key, value in runtime.ALLOCATOR_ENV.items():
+        assert os.environ[key] == value
     for key in runtime._STATE_DIR_VARS:
         assert os.path.isdir(os.environ[key])
 
@@ -77,6 +79,43 @@ def test_setup_local_state_keeps_user_values(monkeypatch, tmp_path):
         assert os.environ[key] == value
     # The others still get their defaults.
     assert os.environ["MPLCONFIGDIR"] == str(tmp_path.resolve() / ".state" / "matplotlib")
+
+
+_FAULTS_PER_BUFFER = """
+import os, resource, sys
+sys.path.insert(0, {repo!r})
+import torch
+from mfiba.runtime import apply_allocator_env
+os.environ.update({later!r})
+if {later!r}:
+    assert apply_allocator_env()
+for _ in range(10):  # the heap grows to its working size first
+    torch.empty(1 << 21).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(40):
+    torch.empty(1 << 21).fill_(1.0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings (Linux)")
+def test_allocator_settings_keep_large_buffers_on_the_heap(monkeypatch):
+    """An 8 MiB torch buffer allocated again and again: under distributed's trim threshold
+    (what its nannies export) each one is a fresh mapping whose 2,048 pages fault in; with
+    the project's settings, from the environment at start or applied later with mallopt
+    (what setup_local_state does), the heap keeps it."""
+    def faults(at_start: dict, later: dict) -> float:
+        code = _FAULTS_PER_BUFFER.format(repo=str(runtime.REPO_ROOT), later=later)
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **at_start}, capture_output=True,
+                             text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    for key in runtime.ALLOCATOR_ENV:
+        monkeypatch.delenv(key, raising=False)
+    dask_like = {"MALLOC_TRIM_THRESHOLD_": "65536"}
+    assert faults(dask_like, {}) > 1000
+    assert faults(runtime.ALLOCATOR_ENV, {}) < 50
+    assert faults(dask_like, runtime.ALLOCATOR_ENV) < 50
 
 
 def test_user_api_url_starts_nothing(clean_env, monkeypatch):
