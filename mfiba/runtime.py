@@ -70,7 +70,7 @@ def local_state_env(state: Path) -> dict[str, str]:
 # (one 160x160x64 activation of the demo synthesis is 6.5 MB) then stay on the heap between
 # calls instead of coming back as fresh pages that fault in again: on this machine a VBR
 # batched precoding took 27,000 to 63,000 page faults with glibc's defaults and about 400
-# with these, and ran about 7% faster (same results). 32 MiB is glibc's largest mmap
+# with these, and ran 5 to 7% faster (same results). 32 MiB is glibc's largest mmap
 # threshold; the trim threshold bounds the free heap a process keeps (per arena).
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 _MALLOPT_PARAMS = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # glibc's M_* numbers
