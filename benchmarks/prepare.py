@@ -66,32 +66,44 @@ def prepare() -> int:
         return 0
     started = time.time()
     failures: list[str] = []
+    running: list[subprocess.Popen] = []
     with LocalPrefectServer():  # one server for every command below (they inherit its URL)
-        splits = [*demo.features.splits, *(["train"] if need_elic else [])]
-        step = ["features", "--preset", "demo", "--splits", *splits]
-        print(f"bench setup: mfiba {' '.join(step)}", flush=True)
-        failure = _wait(_mfiba(*step), " ".join(step))
-        if failure:
-            print(f"bench setup: {failure}", file=sys.stderr)
-            return 1
-        training = None
-        if need_elic:
-            ELIC_LOG.parent.mkdir(parents=True, exist_ok=True)
-            print(f"bench setup: training demo-elic's ELIC beside the precoding (14 to 16 min on this "
-                  f"machine's CPU; log: {ELIC_LOG.relative_to(REPO)})", flush=True)
-            training = _mfiba("train-codec", "--preset", "demo-elic", "--only", "elic", log=ELIC_LOG)
-        if need_fit:
-            for step in (["precode", "--preset", "demo", "--workers", "1" if training else "2"],
-                         ["fit", "--preset", "demo"]):
-                print(f"bench setup: mfiba {' '.join(step)}", flush=True)
-                failure = _wait(_mfiba(*step), " ".join(step))
+        try:
+            splits = [*demo.features.splits, *(["train"] if need_elic else [])]
+            step = ["features", "--preset", "demo", "--splits", *splits]
+            print(f"bench setup: mfiba {' '.join(step)}", flush=True)
+            running.append(_mfiba(*step))
+            failure = _wait(running[-1], " ".join(step))
+            if failure:
+                print(f"bench setup: {failure}", file=sys.stderr)
+                return 1
+            training = None
+            if need_elic:
+                ELIC_LOG.parent.mkdir(parents=True, exist_ok=True)
+                print(f"bench setup: training demo-elic's ELIC beside the precoding (13 to 20 min on this "
+                      f"machine's CPU; log: {ELIC_LOG.relative_to(REPO)})", flush=True)
+                training = _mfiba("train-codec", "--preset", "demo-elic", "--only", "elic", log=ELIC_LOG)
+                running.append(training)
+            if need_fit:
+                for step in (["precode", "--preset", "demo", *(["--workers", "1"] if training else [])],
+                             ["fit", "--preset", "demo"]):
+                    print(f"bench setup: mfiba {' '.join(step)}", flush=True)
+                    running.append(_mfiba(*step))
+                    failure = _wait(running[-1], " ".join(step))
+                    if failure:
+                        failures.append(failure)
+                        break
+            if training:
+                failure = _wait(training, "train-codec --preset demo-elic --only elic", ELIC_LOG)
                 if failure:
                     failures.append(failure)
-                    break
-        if training:
-            failure = _wait(training, "train-codec --preset demo-elic --only elic", ELIC_LOG)
-            if failure:
-                failures.append(failure)
+        finally:
+            # Interrupted (Ctrl-C, SIGTERM): the commands unwind on SIGTERM, stopping their
+            # clusters; a killed training resumes from its last checkpoint on the next run.
+            for proc in running:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=120)
     for failure in failures:
         print(f"bench setup: {failure}", file=sys.stderr)
     print(f"bench setup: {'failed' if failures else 'done'} in {time.time() - started:.0f} s", flush=True)
@@ -99,8 +111,12 @@ def prepare() -> int:
 
 
 def main() -> int:
+    import signal
+
     from mfiba.runtime import setup_local_state
 
+    # SIGTERM unwinds like Ctrl-C: the commands and the Prefect server are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     setup_local_state()  # before anything imports prefect
     return prepare()
 
