@@ -39,8 +39,8 @@ serve: $(STAMP)
 # Measured figures (not tests): runs/bench/bench.json and bench.md. benchmarks.prepare builds
 # what they read once: the demo feature store (with the train split), the demo's fit (the
 # allocation section) and, for the paper's codec, demo-elic's ELIC retrained on the train
-# split's features, alone (--only: the other families keep their committed checkpoints),
-# beside the precoding and the fit.
+# split's features on bench-elic's short schedule, alone (--only: the other families keep
+# their committed checkpoints), beside the precoding and the fit.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.prepare
 	$(BIN)/python -m benchmarks.bench

@@ -58,31 +58,40 @@ def _demo_inputs(cfg, images: int, split: str = "test"):
     return [(i, *stored_image(store, i)[:2]) for i in ids], ds.categories
 
 
-# The paper's codec at demo size: the demo-elic preset's ELIC retrained on features. `make
-# bench` trains it when absent (these commands, about 13 minutes here, then reused).
-ELIC_PRESET, ELIC_LABEL = "demo-elic", "elic"
+# The paper's codec at demo size: demo-elic's ELIC (same architecture, six rate points,
+# retrained on features) on bench-elic's short schedule, which `make bench` trains when
+# absent (3 to 4 minutes here, against 13 to 20 for demo-elic's). Where demo-elic's fully
+# trained ELIC exists too (`mfiba train-codec --preset demo-elic`), it gets its own row:
+# measured here, its speed-up was about 7% higher than the short schedule's (5.6 against
+# 5.2), likely because the batched path runs the box head only on proposals a pass changed,
+# and a better codec changes fewer of them.
+ELIC_PRESETS = {"elic": "bench-elic", "elic-demo-elic": "demo-elic"}
 ELIC_TRAIN = "make bench, or python -m benchmarks.prepare (extracts the train split's features and trains ELIC alone)"
 
 
 def bench_mfip(cfg, images: int = 2, repeats: int = 3) -> dict:
     """MFIP precoding per image, for the learned codecs (the method's setting: the batched
     path synthesises the quantised latent without the entropy coder) and the main codec:
-    the demo's variable-rate codec, the paper's ELIC (demo-elic) and AVIF. Same images, same
-    task model and features for all."""
+    the demo's variable-rate codec, the paper's ELIC and AVIF. Same images, same task model
+    and features for all."""
     from mfiba.config import load_config
 
     specs = {label: cfg.codecs.others[label] for label in ("vbr",) if label in cfg.codecs.others}
-    elic_cfg = load_config(ELIC_PRESET)
-    elic = elic_cfg.codecs.others[ELIC_LABEL]
     out: dict = {"kernel_speed": _kernel_speed()}
-    if elic_cfg.resolve_path(elic.checkpoint).exists():
-        specs[ELIC_LABEL] = elic
-    else:
-        out[ELIC_LABEL] = {"skipped": f"no {elic.checkpoint}: train it with `{ELIC_TRAIN}`"}
+    for label, preset in ELIC_PRESETS.items():
+        elic_cfg = load_config(preset)
+        elic = elic_cfg.codecs.others["elic"]
+        if elic_cfg.resolve_path(elic.checkpoint).exists():
+            specs[label] = elic
+        elif preset == ELIC_PRESETS["elic"]:
+            out[label] = {"skipped": f"no {elic.checkpoint}: train it with `{ELIC_TRAIN}`"}
     specs["main"] = cfg.codecs.main
     for label, spec in specs.items():
         print(f"bench: mfip {label} ({spec.name}) ...", flush=True)
         out[label] = _bench_mfip_codec(cfg, spec, images, repeats)
+        preset = ELIC_PRESETS.get(label)
+        if preset:
+            out[label]["inputs"]["weights"] = f"{preset} preset: {spec.checkpoint}, {spec.options.get('train')}"
     return out
 
 

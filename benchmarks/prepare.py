@@ -2,14 +2,14 @@
 
 - the demo's feature store, with the train split beside calib and test;
 - the demo's precoding and fit (the allocation section reads the fit);
-- demo-elic's ELIC retrained on the train split's features (the paper's codec in the MFIP
-  section), alone: `--only elic`, the other families keep their committed checkpoints.
+- the paper's codec in the MFIP section: demo-elic's ELIC retrained on the train split's
+  features, on bench-elic's short schedule (550 steps), alone: `--only elic`, the other
+  families keep their committed checkpoints.
 
 What is already there is not rebuilt. The stages run as `mfiba` commands under one local
-Prefect server. The ELIC training (one torch thread on one Dask worker) takes most of the
-time, so it runs beside the precoding and the fit, which get the other core
-(`--workers 1`). The two write different folders (runs/train-codec, runs/demo) and only
-read the feature store, so neither waits for the other's locks, and the results are those
+Prefect server. The ELIC training (one torch thread on one Dask worker) runs beside the
+precoding and the fit, which get the other core (`--workers 1`). The two write different
+folders (runs/bench/train-codec, runs/demo) and only read the feature store, so neither waits for the other's locks, and the results are those
 of running the stages one after the other. A failure in one lets the other finish what it
 is doing, then the setup exits non-zero naming the command.
 """
@@ -20,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench import ELIC_PRESETS
+
 REPO = Path(__file__).resolve().parents[1]
+ELIC_PRESET = ELIC_PRESETS["elic"]  # the one `make bench` trains
 ELIC_LOG = REPO / "runs" / "bench" / "train-elic.log"
 
 
@@ -56,7 +59,7 @@ def prepare() -> int:
     from mfiba.runtime import LocalPrefectServer
 
     demo = load_config("demo")
-    elic = load_config("demo-elic")
+    elic = load_config(ELIC_PRESET)
     store = demo.resolve_path(demo.features.store)
     fit = demo.resolve_path(demo.run_dir) / "fit" / "current.json"
     elic_codec = elic.resolve_path(elic.codecs.others["elic"].checkpoint)
@@ -80,9 +83,9 @@ def prepare() -> int:
             training = None
             if need_elic:
                 ELIC_LOG.parent.mkdir(parents=True, exist_ok=True)
-                print(f"bench setup: training demo-elic's ELIC beside the precoding (13 to 20 min on this "
+                print(f"bench setup: training {ELIC_PRESET}'s ELIC beside the precoding (3 to 4 min on this "
                       f"machine's CPU; log: {ELIC_LOG.relative_to(REPO)})", flush=True)
-                training = _mfiba("train-codec", "--preset", "demo-elic", "--only", "elic", log=ELIC_LOG)
+                training = _mfiba("train-codec", "--preset", ELIC_PRESET, "--only", "elic", log=ELIC_LOG)
                 running.append(training)
             if need_fit:
                 for step in (["precode", "--preset", "demo", *(["--workers", "1"] if training else [])],
@@ -94,7 +97,7 @@ def prepare() -> int:
                         failures.append(failure)
                         break
             if training:
-                failure = _wait(training, "train-codec --preset demo-elic --only elic", ELIC_LOG)
+                failure = _wait(training, f"train-codec --preset {ELIC_PRESET} --only elic", ELIC_LOG)
                 if failure:
                     failures.append(failure)
         finally:
