@@ -61,10 +61,10 @@ def _demo_inputs(cfg, images: int, split: str = "test"):
 # The paper's codec at demo size: demo-elic's ELIC (same architecture, six rate points,
 # retrained on features) on bench-elic's short schedule, which `make bench` trains when
 # absent (3 to 4 minutes here, against 13 to 20 for demo-elic's). Where demo-elic's fully
-# trained ELIC exists too (`mfiba train-codec --preset demo-elic`), it gets its own row:
-# measured here, its speed-up was about 7% higher than the short schedule's (5.6 against
-# 5.2), likely because the batched path runs the box head only on proposals a pass changed,
-# and a better codec changes fewer of them.
+# trained ELIC exists too (`mfiba train-codec --preset demo-elic`), it gets its own row. The
+# weights can move the speed-up (the batched path runs the box head only on the proposals a
+# pass changed), but on this machine the two differed within the run-to-run spread: 5.2 and
+# 5.2 against 5.6 and 5.7 in one comparison, 5.8 against 5.4 in one bench run.
 ELIC_PRESETS = {"elic": "bench-elic", "elic-demo-elic": "demo-elic"}
 ELIC_TRAIN = "make bench, or python -m benchmarks.prepare (extracts the train split's features and trains ELIC alone)"
 
