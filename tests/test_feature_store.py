@@ -271,3 +271,28 @@ def test_check_disk_space(tmp_path):
     assert "1100000.00 TB" in msg  # 1e18 B x 1.1 safety
     with pytest.raises(InsufficientDiskError):
         check_disk_space(Path(target).as_uri(), 10**18)
+
+
+def test_written_bytes_are_what_zarrs_own_api_writes(store, tmp_path):
+    """write_image sets the image's keys on the store itself (zarr's array API cost most of
+    a write's time): every key must hold the bytes zarr's create_group / create_array /
+    setitem / attrs update would have written, so any zarr or xarray reader sees the format."""
+    feats = make_features(4)
+    store.write_image(4, feats, make_attrs())
+    ours = tmp_path / "feats.zarr" / "images" / image_key(4)
+
+    ref_root = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w", zarr_format=3)
+    attrs = store.read_attrs(4)
+    g = ref_root.create_group(f"images/{image_key(4)}", attributes={**attrs, "complete": False})
+    for s in SCALES:
+        a = g.create_array(s, shape=feats[s].shape, dtype="float16", chunks=feats[s].shape,
+                           compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+                           fill_value=0.0, dimension_names=("c", f"y{s}", f"x{s}"))
+        a[...] = feats[s]
+    g.attrs["complete"] = True
+    theirs = tmp_path / "ref.zarr" / "images" / image_key(4)
+
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert files(ours) == files(theirs) and len(files(ours)) == 1 + 2 * len(SCALES)
+    for name in files(ours):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
