@@ -139,7 +139,7 @@ class _ArrayLayout:
         return chunk
 
 
-@functools.lru_cache(maxsize=256)  # one entry per (scale, shape): a fixed input size has 5
+@functools.lru_cache(maxsize=1024)  # per (scale, shape): 5 for a fixed input size, more for COCO's
 def _array_layout(scale: str, shape: tuple[int, ...]) -> _ArrayLayout:
     meta = dict(_array_template(scale))
     meta["shape"] = list(shape)
