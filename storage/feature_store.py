@@ -332,7 +332,7 @@ class FeatureStore:
         """The keys zarr's create_hierarchy and setitem would write, with zarr's own metadata
         serialisation and codec pipeline, but set directly on the store: through zarr's
         per-array API (hierarchy checks, indexing, a fill-value comparison per chunk) one
-        image of 5 scales took 27-28 ms here, now 12-16 ms (compression is under 2 of them).
+        image of 5 scales took 17-28 ms here, now 11-16 ms (compression is under 2 of them).
         The bytes are the same (tested against zarr's API), except that a chunk of only +0.0
         (or of an empty array) is written where zarr leaves it out; the values read back are
         the same. Uses zarr 3.1's codec-pipeline and chunk-spec API (pinned in pyproject)."""
