@@ -198,7 +198,10 @@ class FeatureStore:
             self._store = FsspecStore.from_url(
                 self.url, storage_options=storage_options, read_only=read_only
             )
-        self._root = zarr.open_group(self._store, mode=mode, zarr_format=3)
+        # A new store's root is written once, with its format: a reader that opens it while
+        # it is being created never finds a root without one.
+        self._root = zarr.open_group(self._store, mode=mode, zarr_format=3,
+                                     attributes=None if read_only else {"format": FORMAT})
         fmt = self._root.attrs.get("format")
         if fmt is None and not read_only:
             # Only the creator of the store writes this; openers of an existing store never

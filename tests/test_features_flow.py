@@ -73,7 +73,9 @@ def test_features_flow_resumes_after_sigkill(tmp_path, cli_env):
     store_path = tmp_path / "features.zarr"
     deadline = time.time() + 300
     while time.time() < deadline:
-        if store_path.exists() and len(FeatureStore(str(store_path), mode="r").image_ids()) >= 4:
+        # The root zarr.json, not the folder: the flow creates the folder a moment before it
+        # (a read-only open in between finds no group).
+        if (store_path / "zarr.json").exists() and len(FeatureStore(str(store_path), mode="r").image_ids()) >= 4:
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its Dask cluster and workers
