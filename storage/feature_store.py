@@ -341,9 +341,10 @@ class FeatureStore:
         the same. Uses zarr 3.1's codec-pipeline and chunk-spec API (pinned in pyproject)."""
         # Remove any previous (possibly half-written) version, including orphan chunks.
         await self._store.delete_dir(prefix)
-        proto = default_buffer_prototype()
-        group = GroupMetadata(attributes=attrs, zarr_format=3)
-        keys = {f"{prefix}/{ZARR_JSON}": group.to_buffer_dict(proto)[ZARR_JSON]}
+        def group_document(attributes: dict) -> Buffer:
+            return GroupMetadata(attributes=attributes, zarr_format=3).to_buffer_dict(default_buffer_prototype())[ZARR_JSON]
+
+        keys = {f"{prefix}/{ZARR_JSON}": group_document(attrs)}
         chunks = await asyncio.gather(*(layouts[s].encode(a) for s, a in arrays.items()))
         for scale, chunk in zip(arrays, chunks):
             keys[f"{prefix}/{scale}/{ZARR_JSON}"] = layouts[scale].document()
@@ -356,8 +357,7 @@ class FeatureStore:
         if failed:
             raise failed[0]
         # last: marks the image as usable
-        group = GroupMetadata(attributes={**attrs, "complete": True}, zarr_format=3)
-        await self._store.set(f"{prefix}/{ZARR_JSON}", group.to_buffer_dict(proto)[ZARR_JSON])
+        await self._store.set(f"{prefix}/{ZARR_JSON}", group_document({**attrs, "complete": True}))
 
     def has_image(self, image_id: int) -> bool:
         g = sync(self._open_group(image_id))
