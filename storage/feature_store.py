@@ -342,7 +342,8 @@ class FeatureStore:
         # Remove any previous (possibly half-written) version, including orphan chunks.
         await self._store.delete_dir(prefix)
         def group_document(attributes: dict) -> Buffer:
-            return GroupMetadata(attributes=attributes, zarr_format=3).to_buffer_dict(default_buffer_prototype())[ZARR_JSON]
+            group = GroupMetadata(attributes=attributes, zarr_format=3)
+            return group.to_buffer_dict(default_buffer_prototype())[ZARR_JSON]
 
         keys = {f"{prefix}/{ZARR_JSON}": group_document(attrs)}
         chunks = await asyncio.gather(*(layouts[s].encode(a) for s, a in arrays.items()))
