@@ -312,8 +312,8 @@ def bench_allocation(cfg, images: int = 8, repeats: int = 200) -> dict:
 def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 5) -> dict:
     """Feature-store throughput: backbone only against extraction into zarr (the features
     stage's own step, one process, one thread), store bytes per image, compression ratio.
-    The three measurements are interleaved in each repeat, and the overhead is the median of
-    the per-repeat ratios, so that drift in the machine's speed cancels."""
+    The three measurements alternate batch by batch in each repeat, and the overhead is the
+    median of the per-repeat ratios, so that drift in the machine's speed cancels."""
     import torch
 
     from tasks.datasets.sources import image_refs
@@ -326,14 +326,20 @@ def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 5) -> dict
     tensors = [load_tensor(r) for r in refs]
     batches = [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
     out = {}
-    # The run's disk (the system temp folder), and memory (/dev/shm) to tell zarr's CPU cost
-    # from the disk's: on this VM's disk single repeats vary by a factor of 3.
-    for where in [None] + (["/dev/shm"] if os.path.isdir("/dev/shm") else []):
-        out["disk" if where is None else "memory (/dev/shm)"] = _store_overhead(
+    # The disk of the run's own store (a new store beside it), and memory (/dev/shm) to tell
+    # zarr's CPU cost from the disk's. Not the system temp folder: on this VM a rename there
+    # costs 2 ms of CPU against 0.4 ms in the repository's folder (same device; measured).
+    store_url = cfg.store_url()
+    beside = None if "://" in store_url else os.path.dirname(store_url)
+    if beside:
+        os.makedirs(beside, exist_ok=True)
+    for where in [beside] + (["/dev/shm"] if os.path.isdir("/dev/shm") else []):
+        out["disk" if where is beside else "memory (/dev/shm)"] = _store_overhead(
             model, refs, batches, ckpt, cfg, batch, repeats, where)
     raw = sum(f[0].numel() * 2 for f in model.features(tensors[:1])[0].values())  # float16 bytes
     first = out["disk"]
     return {"inputs": {"images": len(refs), "batch": batch, "repeats": repeats, "threads": 1,
+                       "disk_folder": beside or "the system temp folder (the store is not local)",
                        "note": "storage overhead: extraction into zarr (writes in a writer thread, "
                                "overlapped with the next chunk's backbone) against reading + backbone; "
                                "backbone-only excludes reading the images; medians of per-repeat ratios"},
@@ -351,16 +357,23 @@ def _store_overhead(model, refs, batches, ckpt, cfg, batch, repeats, where) -> d
 
     t_backbone, t_read_backbone, t_store, stored = [], [], [], []
     for _ in range(repeats):
-        t_backbone.append(timed(lambda: [model.features(b) for b in batches], 1)[0])
-        # The features stage must read the images either way: storage overhead is measured
-        # against reading + backbone, with the same chunking as extract_batch.
-        t_read_backbone.append(timed(lambda: [model.features([load_tensor(r) for r in refs[k:k + WRITE_CHUNK]])
-                                              for k in range(0, len(refs), WRITE_CHUNK)], 1)[0])
         with tempfile.TemporaryDirectory(dir=where) as d:  # a new store; only the stage's own step is timed
             settings = ExtractSettings(f"{d}/f.zarr", cfg.task_model.name, ckpt, False, "cpu", 1)
             FeatureStore(settings.store_url, mode="a")  # created once per run by the features flow
-            t_store.append(timed(lambda: [extract_batch(refs[k:k + batch], settings)
-                                          for k in range(0, len(refs), batch)], 1)[0])
+            # The three alternate batch by batch, so that drift in the machine's speed (large
+            # on this VM, even within seconds) falls on all three alike.
+            times = np.zeros(3)
+            for k, images in enumerate(batches):
+                part = refs[k * batch:(k + 1) * batch]
+                times += [
+                    timed(lambda: model.features(images), 1)[0],
+                    # The features stage must read the images either way: storage overhead is
+                    # measured against reading + backbone, with the same chunking as extract_batch.
+                    timed(lambda: [model.features([load_tensor(r) for r in part[j:j + WRITE_CHUNK]])
+                                   for j in range(0, len(part), WRITE_CHUNK)], 1)[0],
+                    timed(lambda: extract_batch(part, settings), 1)[0]]
+            for series, t in zip((t_backbone, t_read_backbone, t_store), times):
+                series.append(float(t))
             store = FeatureStore(settings.store_url, mode="r")
             stored.append(sum(store.nbytes_stored(i) for i in store.image_ids()) / len(refs))
     med = lambda xs: float(np.median(xs))  # noqa: E731

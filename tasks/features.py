@@ -7,7 +7,7 @@ image starts, so a killed worker loses at most the images it held.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -89,16 +89,17 @@ def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: 
         groups.setdefault(tuple(img.shape[-2:]), []).append((ref, img))
     # The store writes of one chunk run in a writer thread while the model computes the next
     # chunk (zarr's encoding and file I/O release the GIL for the most part); every write has
-    # finished, and its failure is recorded, before the batch returns.
+    # finished, and its failure is recorded, before the batch returns. The batch's last image
+    # is written by this thread, beside the writer's last one: nothing is left to overlap it.
     chunks = [items[k:k + write_chunk] for items in groups.values() for k in range(0, len(items), write_chunk)]
     pending: list = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
-        for items in chunks:
+        for n, items in enumerate(chunks):
             t0 = time.perf_counter()
             feats, meta = model.features([img for _, img in items])
             result.seconds_model += time.perf_counter() - t0
             for i, (ref, img) in enumerate(items):
-                per_image = {s: feats[s][i].float().cpu().numpy() for s in SCALES}
+                per_image = {s: feats[s][i] for s in SCALES}  # cast to float16 by the writer
                 attrs = {
                     "split": ref.split, "file_name": ref.file_name,
                     "input_size": list(meta.original_sizes[i]),
@@ -106,7 +107,9 @@ def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: 
                     "batch_shape": list(meta.batch_shape),
                     "strides": {s: STRIDES[s] for s in SCALES},
                 }
-                pending.append((ref, writer.submit(_timed_write, store, ref.image_id, per_image, attrs)))
+                last = n == len(chunks) - 1 and i == len(items) - 1
+                write = _here if last else writer.submit
+                pending.append((ref, write(_timed_write, store, ref.image_id, per_image, attrs)))
         for ref, future in pending:
             try:
                 result.seconds_store += future.result()
@@ -114,6 +117,16 @@ def extract_batch(refs: list[ImageRef], settings: ExtractSettings, write_chunk: 
             except ValueError as e:  # non-finite features: recorded, never stored
                 result.skipped[ref.image_id] = str(e)
     return result
+
+
+def _here(fn, *args) -> Future:
+    """Run `fn` in this thread, its outcome as a Future like the writer's."""
+    done: Future = Future()
+    try:
+        done.set_result(fn(*args))
+    except Exception as e:  # handled where the writer's failures are
+        done.set_exception(e)
+    return done
 
 
 def _timed_write(store: FeatureStore, image_id: int, per_image: dict, attrs: dict) -> float:

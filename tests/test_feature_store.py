@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from storage.feature_store import (
@@ -90,7 +91,7 @@ def test_layout(store, tmp_path):
         assert a.chunks == a.shape  # one chunk per (image, scale)
         assert a.metadata.dimension_names == ("c", f"y{s}", f"x{s}")
         (codec,) = a.compressors
-        assert codec.cname.value == "zstd" and codec.shuffle.value == "shuffle" and codec.clevel == 3
+        assert codec.cname.value == "zstd" and codec.shuffle.value == "shuffle" and codec.clevel == 1
     # exactly one chunk object per scale on disk
     chunks = [p for p in (tmp_path / "feats.zarr" / "images" / "000000000005").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(chunks) == len(SCALES)
@@ -167,19 +168,35 @@ def test_memory_url_round_trip():
     assert check_disk_space(url, 10**30) is None  # remote: not checked
 
 
+def test_torch_tensors_stored_as_numpys_float16_cast(store):
+    """Float32 tensors are cast to float16 in torch: the same bits as numpy's cast, at the
+    rounding boundaries, subnormals, signed zero and the top of the range too."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 32, 32)) * np.exp(rng.standard_normal((4, 32, 32)) * 4)).astype(np.float32)
+    x = np.clip(x, -65519.0, 65519.0)  # beyond rounds to Inf (refused)
+    edge = [65504, 65519, -65519, 6e-8, 2.9e-8, 3e-8, -0.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1e-5]
+    x[0, 0, :len(edge)] = edge
+    store.write_image(5, {"0": torch.from_numpy(x)}, make_attrs())
+    with np.errstate(over="ignore"):
+        assert same_bits(store.read_image(5)["0"], x.astype(np.float16))
+
+
 def test_file_url(tmp_path):
     fs = FeatureStore((tmp_path / "f.zarr").as_uri())
     fs.write_image(1, make_features(), make_attrs())
     assert FeatureStore(str(tmp_path / "f.zarr"), mode="r").image_ids() == [1]
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
 @pytest.mark.parametrize(
     "bad, match",
-    [(np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"), (1e6, "float16 range")],
+    [(np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"), (1e6, "float16 range"), (65520.0, "float16 range")],
 )
-def test_non_finite_refused_before_writing(store, bad, match):
+def test_non_finite_refused_before_writing(store, bad, match, as_tensor):
     feats = {s: a.astype(np.float32) for s, a in make_features().items()}
     feats["2"][0, 1, 1] = bad
+    if as_tensor:  # what the features stage passes (cast to float16 in torch)
+        feats = {s: torch.from_numpy(a) for s, a in feats.items()}
     with pytest.raises(ValueError, match=match) as e:
         store.write_image(77, feats, make_attrs())
     assert "77" in str(e.value) and "'2'" in str(e.value)
@@ -286,7 +303,7 @@ def test_written_bytes_are_what_zarrs_own_api_writes(store, tmp_path):
     g = ref_root.create_group(f"images/{image_key(4)}", attributes={**attrs, "complete": False})
     for s in SCALES:
         a = g.create_array(s, shape=feats[s].shape, dtype="float16", chunks=feats[s].shape,
-                           compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+                           compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
                            fill_value=0.0, dimension_names=("c", f"y{s}", f"x{s}"))
         a[...] = feats[s]
     g.attrs["complete"] = True
