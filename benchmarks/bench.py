@@ -316,6 +316,7 @@ def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 5) -> dict
     median of the per-repeat ratios, so that drift in the machine's speed cancels."""
     import torch
 
+    from storage.urls import is_local, local_path
     from tasks.datasets.sources import image_refs
     from tasks.features import _cached_model, load_tensor
 
@@ -330,7 +331,7 @@ def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 5) -> dict
     # zarr's CPU cost from the disk's. Not the system temp folder: on this VM a rename there
     # costs 2 ms of CPU against 0.4 ms in the repository's folder (same device; measured).
     store_url = cfg.store_url()
-    beside = None if "://" in store_url else os.path.dirname(store_url)
+    beside = str(local_path(store_url).parent) if is_local(store_url) else None
     if beside:
         os.makedirs(beside, exist_ok=True)
     for where in [beside] + (["/dev/shm"] if os.path.isdir("/dev/shm") else []):

@@ -358,6 +358,7 @@ class FeatureStore:
         the same. Uses zarr 3.1's codec-pipeline and chunk-spec API (pinned in pyproject)."""
         # Remove any previous (possibly half-written) version, including orphan chunks.
         await self._store.delete_dir(prefix)
+
         def group_document(attributes: dict) -> Buffer:
             group = GroupMetadata(attributes=attributes, zarr_format=3)
             return group.to_buffer_dict(default_buffer_prototype())[ZARR_JSON]
