@@ -343,7 +343,8 @@ def bench_store(cfg, images: int = 48, batch: int = 8, repeats: int = 5) -> dict
                        "disk_folder": beside or "the system temp folder (the store is not local)",
                        "note": "storage overhead: extraction into zarr (writes in a writer thread, "
                                "overlapped with the next chunk's backbone) against reading + backbone; "
-                               "backbone-only excludes reading the images; medians of per-repeat ratios"},
+                               "backbone-only excludes reading the images; all three run the model on "
+                               "extract_batch's chunks of images; medians of per-repeat ratios"},
             **{k: v for k, v in first.items() if k != "stored"},
             "by_store_location": {k: {kk: vv for kk, vv in v.items() if kk != "stored"} for k, v in out.items()},
             "store_bytes_per_image": first["stored"], "raw_float16_bytes_per_image": raw,
@@ -356,34 +357,47 @@ def _store_overhead(model, refs, batches, ckpt, cfg, batch, repeats, where) -> d
     from storage.feature_store import FeatureStore
     from tasks.features import WRITE_CHUNK, ExtractSettings, extract_batch, load_tensor
 
-    t_backbone, t_read_backbone, t_store, stored = [], [], [], []
+    def clocked(fn) -> np.ndarray:
+        """Wall seconds, then this process's user and kernel CPU seconds (all threads)."""
+        c0, t0 = os.times(), time.perf_counter()
+        fn()
+        c1 = os.times()
+        return np.array([time.perf_counter() - t0, c1.user - c0.user, c1.system - c0.system])
+
+    def chunked(fn, part):  # the chunks extract_batch runs the model on (its batch size matters)
+        return [fn(part[j:j + WRITE_CHUNK]) for j in range(0, len(part), WRITE_CHUNK)]
+
+    kinds = ("backbone", "read_and_backbone", "extract_into_zarr")
+    per_repeat, stored = [], []  # per repeat: kinds x (wall, user, kernel) seconds
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(dir=where) as d:  # a new store; only the stage's own step is timed
             settings = ExtractSettings(f"{d}/f.zarr", cfg.task_model.name, ckpt, False, "cpu", 1)
             FeatureStore(settings.store_url, mode="a")  # created once per run by the features flow
             # The three alternate batch by batch, so that drift in the machine's speed (large
             # on this VM, even within seconds) falls on all three alike.
-            times = np.zeros(3)
+            times = np.zeros((3, 3))
             for k, images in enumerate(batches):
                 part = refs[k * batch:(k + 1) * batch]
                 times += [
-                    timed(lambda: model.features(images), 1)[0],
+                    clocked(lambda: chunked(model.features, images)),
                     # The features stage must read the images either way: storage overhead is
-                    # measured against reading + backbone, with the same chunking as extract_batch.
-                    timed(lambda: [model.features([load_tensor(r) for r in part[j:j + WRITE_CHUNK]])
-                                   for j in range(0, len(part), WRITE_CHUNK)], 1)[0],
-                    timed(lambda: extract_batch(part, settings), 1)[0]]
-            for series, t in zip((t_backbone, t_read_backbone, t_store), times):
-                series.append(float(t))
+                    # measured against reading + backbone.
+                    clocked(lambda: chunked(lambda rs: model.features([load_tensor(r) for r in rs]), part)),
+                    clocked(lambda: extract_batch(part, settings))]
+            per_repeat.append(times)
             store = FeatureStore(settings.store_url, mode="r")
             stored.append(sum(store.nbytes_stored(i) for i in store.image_ids()) / len(refs))
     med = lambda xs: float(np.median(xs))  # noqa: E731
-    return {"backbone_images_per_s": len(refs) / med(t_backbone),
-            "read_and_backbone_images_per_s": len(refs) / med(t_read_backbone),
-            "extract_into_zarr_images_per_s": len(refs) / med(t_store),
+    wall = {kind: [float(t[i, 0]) for t in per_repeat] for i, kind in enumerate(kinds)}
+    t_backbone, t_read_backbone, t_store = (wall[kind] for kind in kinds)
+    return {**{f"{kind}_images_per_s": len(refs) / med(wall[kind]) for kind in kinds},
             "storage_overhead_percent": 100.0 * med([s / r - 1 for s, r in zip(t_store, t_read_backbone)]),
             "storage_overhead_percent_per_repeat": [100.0 * (s / r - 1) for s, r in zip(t_store, t_read_backbone)],
             "overhead_over_backbone_only_percent": 100.0 * med([s / b - 1 for s, b in zip(t_store, t_backbone)]),
+            # Where the extra time goes: this VM's file operations are kernel time, and vary
+            # tenfold within seconds (12-file image writes: 2.4 to 56 ms of CPU each).
+            "cpu_ms_per_image_user_kernel": {kind: [round(1e3 * med([t[i, j] for t in per_repeat]) / len(refs), 2)
+                                                    for j in (1, 2)] for i, kind in enumerate(kinds)},
             "stored": med(stored)}
 
 
