@@ -388,16 +388,17 @@ def _store_overhead(model, refs, batches, ckpt, cfg, batch, repeats, where) -> d
             store = FeatureStore(settings.store_url, mode="r")
             stored.append(sum(store.nbytes_stored(i) for i in store.image_ids()) / len(refs))
     med = lambda xs: float(np.median(xs))  # noqa: E731
-    wall = {kind: [float(t[i, 0]) for t in per_repeat] for i, kind in enumerate(kinds)}
-    t_backbone, t_read_backbone, t_store = (wall[kind] for kind in kinds)
-    return {**{f"{kind}_images_per_s": len(refs) / med(wall[kind]) for kind in kinds},
-            "storage_overhead_percent": 100.0 * med([s / r - 1 for s, r in zip(t_store, t_read_backbone)]),
-            "storage_overhead_percent_per_repeat": [100.0 * (s / r - 1) for s, r in zip(t_store, t_read_backbone)],
-            "overhead_over_backbone_only_percent": 100.0 * med([s / b - 1 for s, b in zip(t_store, t_backbone)]),
+    runs = np.stack(per_repeat)  # repeats x kinds x (wall, user, kernel)
+    t_backbone, t_read_backbone, t_store = runs[:, :, 0].T
+    overhead = 100.0 * (t_store / t_read_backbone - 1)  # per repeat
+    return {**{f"{kind}_images_per_s": len(refs) / med(runs[:, i, 0]) for i, kind in enumerate(kinds)},
+            "storage_overhead_percent": med(overhead),
+            "storage_overhead_percent_per_repeat": overhead.tolist(),
+            "overhead_over_backbone_only_percent": 100.0 * med(t_store / t_backbone - 1),
             # Where the extra time goes: this VM's file operations are kernel time, and vary
             # tenfold within seconds (12-file image writes: 2.4 to 56 ms of CPU each).
-            "cpu_ms_per_image_user_kernel": {kind: [round(1e3 * med([t[i, j] for t in per_repeat]) / len(refs), 2)
-                                                    for j in (1, 2)] for i, kind in enumerate(kinds)},
+            "cpu_ms_per_image_user_kernel": {kind: np.round(1e3 * np.median(runs[:, i, 1:], axis=0) / len(refs),
+                                                             2).tolist() for i, kind in enumerate(kinds)},
             "stored": med(stored)}
 
 
