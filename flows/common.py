@@ -14,6 +14,8 @@ import dask
 from mfiba.config import Config
 from mfiba.runtime import ALLOCATOR_ENV
 
+WORKER_PRELOAD = "mfiba.dask_worker"  # run in every local Dask worker (see that module)
+
 
 def dask_task_runner(cfg: Config, device: str):
     """A DaskTaskRunner for the configuration: an external scheduler when one is named,
@@ -29,7 +31,11 @@ def dask_task_runner(cfg: Config, device: str):
     # ran at half speed. Workers get this process's allocator settings instead (runtime).
     dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": os.environ.get(key, value)
                      for key, value in ALLOCATOR_ENV.items()})
-    # silence_logs: the nannies' shutdown chatter ("still alive after 4 s, killing") is not news.
+    # Workers then exit without walking their heap, within the nanny's close deadline.
+    preload = list(dask.config.get("distributed.worker.preload", []))
+    if WORKER_PRELOAD not in preload:
+        dask.config.set({"distributed.worker.preload": [*preload, WORKER_PRELOAD]})
+    # silence_logs: distributed's routine INFO and WARNING lines are not news here.
     kwargs = dict(n_workers=cfg.dask.n_workers, threads_per_worker=cfg.dask.threads_per_worker,
                   memory_limit=cfg.dask.memory_limit, dashboard_address=":0", silence_logs=logging.ERROR)
     if device == "cuda":

@@ -96,3 +96,36 @@ def test_local_cluster_workers_get_the_allocator_settings(monkeypatch):
             Client(cluster) as client:
         env = client.run(lambda: {key: os.environ.get(key) for key in ALLOCATOR_ENV})
     assert list(env.values()) == [ALLOCATOR_ENV]
+
+
+def test_local_workers_preload_the_exit_handler_that_freezes_their_heap():
+    import dask
+    from distributed import Client, LocalCluster
+
+    from flows.common import WORKER_PRELOAD, dask_task_runner
+    from mfiba.config import load_config
+
+    with dask.config.set({"distributed.worker.preload": ["some.user.module"]}):
+        dask_task_runner(load_config("demo"), "cpu")
+        assert dask.config.get("distributed.worker.preload") == ["some.user.module", WORKER_PRELOAD]
+        dask_task_runner(load_config("demo"), "cpu")  # a second flow in the process adds nothing
+        assert dask.config.get("distributed.worker.preload") == ["some.user.module", WORKER_PRELOAD]
+    with dask.config.set({"distributed.worker.preload": [WORKER_PRELOAD]}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        assert list(client.run(lambda: WORKER_PRELOAD in sys.modules).values()) == [True]
+
+
+def test_the_exit_handler_freezes_the_heap_after_handlers_registered_later():
+    # Prefect registers its exit handlers (the log and event drain) after a worker starts:
+    # those run first, and the heap is frozen only after them.
+    code = ("import atexit, gc\n"
+            "from mfiba import dask_worker\n"
+            "dask_worker.dask_setup(None)\n"
+            "seen = []\n"
+            "atexit.register(lambda: seen.append(gc.get_freeze_count()))\n"
+            "atexit._run_exitfuncs()\n"
+            "print(seen, gc.get_freeze_count() > 0)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["[0]", "True"]
