@@ -6,12 +6,12 @@
   features, on bench-elic's short schedule (550 steps), alone: `--only elic`, the other
   families keep their committed checkpoints.
 
-What is already there is not rebuilt. The stages run as `mfiba` commands under one local
-Prefect server. The ELIC training (one torch thread on one Dask worker) runs beside the
-precoding and the fit, which get the other core (`--workers 1`). The two write different
-folders (runs/bench/train-codec, runs/demo) and only read the feature store, so neither
-waits for the other's locks, and the results are those of running the stages one after
-the other. A failure in one lets the other finish what it is doing, then the setup exits
+What `mfiba status` reports done for these settings is not rebuilt. The stages run as
+`mfiba` commands under one local Prefect server. The ELIC training (one torch thread on one
+Dask worker) runs beside the precoding and the fit, which get the other core (`--workers 1`).
+The two write different folders (runs/bench/train-codec, runs/demo) and only read the
+feature store, so neither waits for the other's locks, and the results are those of running
+the stages one after the other. A failure in one lets the other finish what it is doing, then the setup exits
 non-zero naming the command.
 """
 from __future__ import annotations
@@ -56,16 +56,24 @@ def _wait(proc: subprocess.Popen, what: str, log: Path | None = None, every_s: f
 
 
 def prepare() -> int:
+    from flows.status import stage_status
     from mfiba.config import load_config
     from mfiba.runtime import LocalPrefectServer
 
     demo = load_config("demo")
     elic = load_config(ELIC_PRESET)
-    store = demo.resolve_path(demo.features.store)
-    fit = demo.resolve_path(demo.run_dir) / "fit" / "current.json"
     elic_codec = elic.resolve_path(elic.codecs.others["elic"].checkpoint)
-    need_elic, need_fit = not elic_codec.exists(), not fit.exists()
-    if not (need_elic or need_fit or not store.exists()):
+    need_elic = not elic_codec.exists()
+    splits = [*demo.features.splits, *(["train"] if need_elic else [])]
+    # The stages' own bookkeeping (`mfiba status`) decides, not which files exist: a store, a
+    # precoding or a fit made with other weights, data or settings is rebuilt (its stage
+    # recomputes only what changed).
+    state = {row["stage"]: row for row in stage_status(load_config("demo", {"features.splits": splits}))}
+    need_features = state["features"]["state"] != "done"
+    need_fit = any(state[stage]["state"] != "done" for stage in ("precode", "fit"))
+    for stage in ("features", "precode", "fit"):
+        print(f"bench setup: {stage} {state[stage]['state']} ({state[stage]['detail']})", flush=True)
+    if not (need_elic or need_features or need_fit):
         print("bench setup: feature store, fit and ELIC already built")
         return 0
     started = time.time()
@@ -73,14 +81,14 @@ def prepare() -> int:
     running: list[subprocess.Popen] = []
     with LocalPrefectServer():  # one server for every command below (they inherit its URL)
         try:
-            splits = [*demo.features.splits, *(["train"] if need_elic else [])]
-            step = ["features", "--preset", "demo", "--splits", *splits]
-            print(f"bench setup: mfiba {' '.join(step)}", flush=True)
-            running.append(_mfiba(*step))
-            failure = _wait(running[-1], " ".join(step))
-            if failure:
-                print(f"bench setup: {failure}", file=sys.stderr)
-                return 1
+            if need_features:
+                step = ["features", "--preset", "demo", "--splits", *splits]
+                print(f"bench setup: mfiba {' '.join(step)}", flush=True)
+                running.append(_mfiba(*step))
+                failure = _wait(running[-1], " ".join(step))
+                if failure:
+                    print(f"bench setup: {failure}", file=sys.stderr)
+                    return 1
             training = None
             if need_elic:
                 ELIC_LOG.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
 from tasks.evaluation.coco_eval import (
     bootstrap_ap,

@@ -72,6 +72,14 @@ def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     status, _ = _run(tmp_path, "status", cli_env, "--set", "fit.importance_floor=0.02")
     states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
     assert states["precode"] == "done" and states["fit"] == "stale" and states["evaluate"] == "stale"
+    # Fitting that setting points current.json (what tune and evaluate read) at its fit: for
+    # this configuration the fit is stale until `fit` selects its own again, recomputing nothing.
+    _run(tmp_path, "fit", cli_env, "--set", "fit.importance_floor=0.02")
+    status, _ = _run(tmp_path, "status", cli_env)
+    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    assert states["fit"] == "stale" and "current.json points at" in status
+    _, log = _run(tmp_path, "fit", cli_env)
+    assert "up to date; nothing recomputed" in log
 
     # A lost part of a stage's outputs: status reports it, a rerun of that stage alone
     # restores it (one item computed) and everything after it stays valid.
