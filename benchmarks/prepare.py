@@ -11,8 +11,8 @@ What `mfiba status` reports done for these settings is not rebuilt. The stages r
 Dask worker) runs beside the precoding and the fit, which get the other core (`--workers 1`).
 The two write different folders (runs/bench/train-codec, runs/demo) and only read the
 feature store, so neither waits for the other's locks, and the results are those of running
-the stages one after the other. A failure in one lets the other finish what it is doing, then the setup exits
-non-zero naming the command.
+the stages one after the other. A failure in one lets the other finish what it is doing,
+then the setup exits non-zero naming the command.
 """
 from __future__ import annotations
 

@@ -64,9 +64,10 @@ def stage_status(cfg: Config) -> list[dict]:
         version, _ = fit_version(read_bytes(f"{url}/table.parquet"), read_bytes(f"{url}/identity.json"), cfg)
         current = json.loads(read_bytes(f"{fit_root(cfg)}/current.json"))["version"] \
             if (run / "fit" / "current.json").exists() else None
-        if (run / "fit" / version / "fit.json").exists() and current == version:
+        made = (run / "fit" / version / "fit.json").exists()
+        if made and current == version:
             rows.append(_row("fit", "done", version))
-        elif (run / "fit" / version / "fit.json").exists():
+        elif made:
             # tune and evaluate read the fit current.json names: for this configuration that is
             # the wrong one until `mfiba fit` selects this one again (nothing recomputed).
             rows.append(_row("fit", "stale", f"{version} exists, but current.json points at {current}: "
