@@ -33,6 +33,11 @@ def _run(tmp_path, stage, env, *extra):
     return json.loads(out[out.index("{"):]) if "{" in out else out, p.stderr
 
 
+def _states(status: str) -> dict[str, str]:
+    """`mfiba status` output -> {stage: state}."""
+    return {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+
+
 def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     _run(tmp_path, "features", cli_env, "--splits", "calib", "test")
     pre, _ = _run(tmp_path, "precode", cli_env)
@@ -66,17 +71,17 @@ def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     assert again["reused"] == again["coded_images"] and "0 to compute" in log
 
     status, _ = _run(tmp_path, "status", cli_env)
-    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    states = _states(status)
     assert states == {"features": "done", "precode": "done", "fit": "done", "tune": "done", "evaluate": "done"}
     # Another fit setting makes the fit and what follows it stale, nothing before it.
     status, _ = _run(tmp_path, "status", cli_env, "--set", "fit.importance_floor=0.02")
-    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    states = _states(status)
     assert states["precode"] == "done" and states["fit"] == "stale" and states["evaluate"] == "stale"
     # Fitting that setting points current.json (what tune and evaluate read) at its fit: for
     # this configuration the fit is stale until `fit` selects its own again, recomputing nothing.
     _run(tmp_path, "fit", cli_env, "--set", "fit.importance_floor=0.02")
     status, _ = _run(tmp_path, "status", cli_env)
-    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    states = _states(status)
     assert states["fit"] == "stale" and "current.json points at" in status
     _, log = _run(tmp_path, "fit", cli_env)
     assert "up to date; nothing recomputed" in log
@@ -90,7 +95,7 @@ def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     again, _ = _run(tmp_path, "precode", cli_env)
     assert again["computed"] == 1 and again["reused"] == 19
     status, _ = _run(tmp_path, "status", cli_env)
-    states = {line.split()[0]: line.split()[1] for line in status.splitlines() if line.strip()}
+    states = _states(status)
     assert states == {"features": "done", "precode": "done", "fit": "done", "tune": "done", "evaluate": "done"}
 
 
