@@ -54,6 +54,8 @@ def local_state_env(state: Path) -> dict[str, str]:
         # A temporary per-process server on a fresh DB can take >20 s (the default).
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "TORCH_HOME": str(state / "torch"),
+        # Where torch's C++ extension loader builds the RoIAlign kernel (tasks/models/roi_align.py).
+        "TORCH_EXTENSIONS_DIR": str(state / "torch_extensions"),
         "MPLCONFIGDIR": str(state / "matplotlib"),
         "DASK_TEMPORARY_DIRECTORY": str(state / "dask"),
         # Dask's scheduler and nanny chatter (worker starts, closes) is not the user's news.
@@ -93,7 +95,7 @@ def apply_allocator_env() -> bool:
     return done
 
 
-_STATE_DIR_VARS = ("PREFECT_HOME", "TORCH_HOME", "MPLCONFIGDIR", "DASK_TEMPORARY_DIRECTORY")
+_STATE_DIR_VARS = ("PREFECT_HOME", "TORCH_HOME", "TORCH_EXTENSIONS_DIR", "MPLCONFIGDIR", "DASK_TEMPORARY_DIRECTORY")
 
 
 def setup_local_state(repo_root: Path | None = None) -> Path:

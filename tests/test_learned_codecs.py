@@ -376,6 +376,14 @@ def test_channels_last_gdn_matches_compressai_and_keeps_the_weights(inverse):
         assert got.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(net[1](x), want, rtol=0, atol=0)  # NCHW: compressai's forward
+        # the reparametrised beta and gamma are cached without autograd: a weight change, in
+        # place (as load_state_dict makes it) or by replacement, must reach the output
+        for change in (lambda: reference.gamma.mul_(1.5),
+                       lambda: setattr(reference, "beta", torch.nn.Parameter(reference.beta + 0.2))):
+            change()
+            want = GDN.forward(reference, x)
+            torch.testing.assert_close(net[1](x.contiguous(memory_format=torch.channels_last)), want,
+                                       rtol=1e-6, atol=1e-6)
     x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     net[1](x_cl).sum().backward()  # trainable: no in-place step autograd needs
     assert x_cl.grad is not None and torch.isfinite(x_cl.grad).all()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -171,9 +172,33 @@ class PassReuse:
             logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, proposals, image_list.image_sizes)))
         self.n_classes = logits.shape[1]
         self.lossless_boxes = torch.cat([logits, deltas], dim=1)
-        self.lossless_index = {row.tobytes(): i for i, row in enumerate(proposals[0].cpu().numpy())}
+        # the lossless proposals' coordinates as sorted 16-byte keys: a proposal of a pass is
+        # found among them exactly (bytes equal) by one binary search per batch
+        keys = _box_keys(proposals[0])
+        self.lossless_order = np.argsort(keys, kind="stable")
+        self.lossless_keys = keys[self.lossless_order]
+        self.lossless_features = feats
+        self._pooling_levels: dict[str, torch.Tensor] = {}  # channels-last lossless levels, made on demand
         # Box-path rows run and rows in all, over every batch of this image (shared by for_passes).
         self.rows = {"computed": 0, "total": 0}
+
+    def pooling_input(self, name: str, stacked: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level `name`'s images for pooling `rois` (batch index = pass), channels-last (what
+        the RoIAlign kernel reads): a pass that did not change the level holds the lossless
+        level, so one shared copy of it stands for all those passes, and only the passes that
+        changed the level are converted. Returns the images and the rois renumbered to them."""
+        passes = [b for b in range(len(stacked)) if name in self.changed[b]]
+        lossless = self._pooling_levels.get(name)
+        if lossless is None:
+            lossless = self._pooling_levels[name] = self.lossless_features[name].contiguous(
+                memory_format=torch.channels_last)
+        if not passes:
+            images = lossless
+        else:
+            images = torch.cat([lossless, stacked[passes].contiguous(memory_format=torch.channels_last)])
+        index = torch.zeros(len(stacked), dtype=rois.dtype, device=rois.device)
+        index[passes] = torch.arange(1, len(passes) + 1, dtype=rois.dtype, device=rois.device)
+        return images, torch.cat([index[rois[:, 0].long()][:, None], rois[:, 1:]], dim=1)
 
     def for_passes(self, changed: list[set[str]]) -> "PassReuse":
         """The same lossless results for another batch of passes (one image, any quality);
@@ -193,6 +218,12 @@ class PassReuse:
             yield
         finally:
             net.rpn, rh.box_roi_pool, rh.box_head, rh.box_predictor = saved
+
+
+def _box_keys(boxes: torch.Tensor) -> np.ndarray:
+    """(n, 4) float32 boxes -> n 16-byte keys (their coordinates' bytes), sortable."""
+    rows = np.ascontiguousarray(boxes.detach().cpu().numpy(), dtype=np.float32)
+    return rows.view(np.dtype((np.void, rows.shape[1] * 4))).ravel()
 
 
 def _level_candidates(rpn: nn.Module, logits: torch.Tensor, boxes_at: Callable, image_size) -> tuple:
@@ -266,38 +297,37 @@ class _ReusingBoxPath(nn.Module):
         self.pool, self.head, self.predictor, self.reuse = pool, head, predictor, reuse
 
     def forward(self, features, proposals: list[torch.Tensor], image_shapes):
-        from torchvision.ops import roi_align
+        from tasks.models.roi_align import roi_align
 
         reuse, pool = self.reuse, self.pool
         names = list(pool.featmap_names)
         out = reuse.lossless_boxes.new_empty((sum(len(p) for p in proposals), reuse.lossless_boxes.shape[1]))
-        need: dict[int, list] = {k: [] for k in range(len(names))}  # level -> rows of out to compute
-        copy_to, copy_from, offset = [], [], 0
-        for b, boxes in enumerate(proposals):
-            levels = pool.map_levels([boxes]).tolist()  # set up by the lossless pass
-            changed = {k for k, name in enumerate(names) if name in reuse.changed[b]}
-            rows = boxes.cpu().numpy()
-            for i in range(len(boxes)):
-                j = reuse.lossless_index.get(rows[i].tobytes())
-                if j is None or levels[i] in changed:
-                    need[levels[i]].append(offset + i)
-                else:
-                    copy_to.append(offset + i)
-                    copy_from.append(j)
-            offset += len(boxes)
-        if copy_to:  # one gather: row-by-row tensor assignment cost more than the box head
-            out[torch.tensor(copy_to, device=out.device)] = reuse.lossless_boxes[
-                torch.tensor(copy_from, device=out.device)]
-        reuse.rows["computed"] += sum(len(rows) for rows in need.values())
+        # per proposal row: its RoI level (the pooler's mapping, set up by the lossless pass), the
+        # lossless row with the same coordinates, and whether its pass changed that level
+        levels = pool.map_levels(proposals).cpu().numpy()
+        keys = np.concatenate([_box_keys(p) for p in proposals])
+        at = np.searchsorted(reuse.lossless_keys, keys, side="right") - 1  # the last equal key, as a dict would
+        found = at >= 0
+        found[found] = reuse.lossless_keys[at[found]] == keys[found]
+        passes = np.repeat(np.arange(len(proposals)), [len(p) for p in proposals])
+        changed = np.array([[name in reuse.changed[b] for name in names] for b in range(len(proposals))],
+                           dtype=bool).reshape(len(proposals), len(names))
+        compute = ~found | changed[passes, levels]
+        copy_to = np.flatnonzero(~compute)
+        if len(copy_to):  # one gather: row-by-row tensor assignment cost more than the box head
+            out[torch.from_numpy(copy_to).to(out.device)] = reuse.lossless_boxes[
+                torch.from_numpy(reuse.lossless_order[at[copy_to]]).to(out.device)]
+        reuse.rows["computed"] += int(compute.sum())
         reuse.rows["total"] += len(out)
         # MultiScaleRoIAlign's per-level roi_align, with each level's rows going on to the box
         # head directly: no zero-filled (rows, C, 7, 7) result to scatter the levels into.
         rois = torch.cat([torch.cat([p.new_full((len(p), 1), b), p], dim=1) for b, p in enumerate(proposals)])
-        for level, rows in need.items():
-            if rows:
-                rows = torch.tensor(rows, device=out.device)
-                pooled = roi_align(features[names[level]], rois[rows], pool.output_size, pool.scales[level],
-                                   pool.sampling_ratio)
+        for level, name in enumerate(names):
+            rows = np.flatnonzero(compute & (levels == level))
+            if len(rows):
+                rows = torch.from_numpy(rows).to(out.device)
+                images, level_rois = reuse.pooling_input(name, features[name], rois[rows])
+                pooled = roi_align(images, level_rois, pool.output_size, pool.scales[level], pool.sampling_ratio)
                 out[rows] = torch.cat(self.predictor(self.head(pooled)), dim=1)
         return out
 
