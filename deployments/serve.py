@@ -51,6 +51,10 @@ def serve(work_pool: str = WORK_POOL, ready_file: Path = STATE_FILE) -> int:
             ready_file.unlink(missing_ok=True)
 
 
+class NoServedServerError(RuntimeError):
+    """`trigger` found neither PREFECT_API_URL nor a server started by `serve`."""
+
+
 def trigger(deployment: str, parameters: dict | None = None, timeout_s: float = 3600, state_file: Path = STATE_FILE
             ) -> dict:
     """Start a run of `flow/deployment` on the served server and wait for it to finish."""
@@ -58,8 +62,8 @@ def trigger(deployment: str, parameters: dict | None = None, timeout_s: float = 
 
     if not os.environ.get("PREFECT_API_URL"):
         if not state_file.exists():
-            raise RuntimeError(f"no served Prefect server ({state_file} missing): start `make serve` first, "
-                               "or set PREFECT_API_URL")
+            raise NoServedServerError(f"no served Prefect server ({state_file} missing): start `make serve` first, "
+                                      "or set PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = json.loads(state_file.read_text())["api_url"]
     name = deployment if "/" not in deployment or deployment.startswith("deployed-") else f"deployed-{deployment}"
     run = run_deployment(name=name, parameters=parameters or {}, timeout=timeout_s)

@@ -113,6 +113,10 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
                                                    cfg.task_model.allow_random_weights))
     refs = image_refs(cfg, ["test"])["test"]
     image_ids = [r.image_id for r in refs][:ec.images or None]
+    if len(image_ids) < len(refs):
+        logger.warning(f"evaluate: evaluate.images={ec.images}, {len(image_ids)} of the {len(refs)} test images: "
+                       f"the report, bdrate.csv and rd_points.csv in {cfg.run_dir} will describe this subset; "
+                       "an evaluate without --images writes the full report again from the cache")
     skipped = skipped_images(store, image_ids)  # unusable images: left out, listed in the report
     if skipped:
         logger.warning(f"evaluate: {len(skipped)} of {len(image_ids)} test images were skipped by the features "
@@ -171,6 +175,8 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     weights = weights_table.read([weights_key(i, modes) for i in image_ids])
 
     # 2. The plan: one entry per (image, method, rate point, pool mode).
+    logger.info(f"evaluate: allocating bits per scale for {len(ec.methods)} methods x {len(points)} rate points "
+                f"x {len(modes)} pool modes (each allocating method's lambda' per rate point searched first)")
     plan: dict[int, list[dict]] = {i: [] for i in image_ids}
     left_out: dict[str, str] = {}
     lambdas_used, seconds_assign = [], []
@@ -248,6 +254,8 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
 
     # 4. Scores, BD-rates, plots, report: written to the run folder.
     current = {item_key(i, e) for i in image_ids for e in plan[i]}  # parts of older plans stay unread
+    logger.info(f"evaluate: scoring {len(current)} coded images (COCOeval per method and rate point), the lossless "
+                f"ceiling, BD-rates with {ec.bootstrap} bootstrap resamples, plots and the report")
     detections = det_table.read(current).sort_values(["pool_mode", "method", "point", "image_id"], ignore_index=True)
     gt = ds.to_coco(image_ids)
     pts, evals = report.score_points(detections, gt, list(score_tasks), image_ids, compact=True)
@@ -345,7 +353,7 @@ def _caveats(cfg: Config, ec) -> list[str]:
                    "not comparable with the paper's COCO numbers; the demo shows the method and the machinery.")
     if cfg.codecs.main.trained_on == "none":
         out.append(f"The main codec is {cfg.codecs.main.name} (classical): the demo's learned codecs were trained "
-                   "for 1200 CPU steps only and saturate at about 25 dB mosaic PSNR, so their task loss hardly "
+                   "on CPU for 2,000 to 2,400 steps per model only and saturate at about 25 dB mosaic PSNR, so their task loss hardly "
                    "changes with rate; a trained ELIC / VBR codec (`mfiba train-codec` on a GPU) belongs in "
                    "`codecs.main` for the paper's setting.")
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mfiba.config import ConfigError, list_presets, load_config
@@ -128,6 +129,16 @@ def _overrides(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # stdout piped into a reader that stopped early (`mfiba config | head`): no traceback,
+        # and no second error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the local Prefect server, the
     # worker and the Dask cluster this run started are stopped instead of orphaned.
@@ -138,16 +149,22 @@ def main(argv: list[str] | None = None) -> int:
         from mfiba.runtime import setup_local_state
 
         setup_local_state()
-        from deployments.serve import serve, trigger
+        from deployments.serve import NoServedServerError, serve, trigger
 
         if args.command == "serve":
             return serve()
-        result = trigger(args.deployment, {"overrides": args.overrides} if args.overrides else None,
-                         timeout_s=args.timeout_s)
+        try:
+            result = trigger(args.deployment, {"overrides": args.overrides} if args.overrides else None,
+                             timeout_s=args.timeout_s)
+        except NoServedServerError as e:
+            print(f"mfiba: {e}", file=sys.stderr)
+            return 2
         print(json.dumps(result, indent=2))
         return 0 if result["state"] == "COMPLETED" else 1
     try:
-        cfg = load_config(args.preset, _overrides(args), smoke=args.smoke, stages=[args.command])
+        # config and status show every stage, so every stage's cross-references are checked
+        stages = None if args.command in ("config", "status") else [args.command]
+        cfg = load_config(args.preset, _overrides(args), smoke=args.smoke, stages=stages)
         if args.command in ("features", "precode") and args.images:
             splits = cfg.features.splits if args.command == "features" else cfg.precode.splits
             if len(splits) != 1:
@@ -165,8 +182,14 @@ def main(argv: list[str] | None = None) -> int:
 
         setup_local_state()
         from flows.status import stage_status
+        from tasks.datasets.coco import DatasetError
+        from tasks.models.registry import WeightsNotFoundError
 
-        rows = stage_status(cfg)
+        try:
+            rows = stage_status(cfg)
+        except (DatasetError, WeightsNotFoundError, ConfigError) as e:
+            print(f"mfiba: {e}", file=sys.stderr)
+            return 2
         width = max(len(r["stage"]) for r in rows)
         for r in rows:
             print(f"{r['stage']:<{width}}  {r['state']:<10}  {r['detail']}")

@@ -6,9 +6,11 @@ values in the message.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -402,6 +404,20 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _field_names(loc: tuple) -> list[str]:
+    """The field names of the configuration section at `loc` (a validation error's location
+    without its last part), or [] where it is not a section."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            model = model.model_fields[str(part)].annotation
+        elif typing.get_origin(model) is dict:  # a mapping's entries: its value type
+            model = typing.get_args(model)[1]
+        else:
+            return []
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _format_error(e: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in e.errors():
@@ -415,6 +431,12 @@ def _format_error(e: ValidationError, source: str) -> str:
             continue
         if "expected" in ctx and str(ctx["expected"]) not in msg:
             msg = f"{msg} (allowed: {ctx['expected']})"
+        if err["type"] == "extra_forbidden":
+            known = _field_names(err["loc"][:-1])
+            if known:
+                close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+                msg = (f"not a field here{f'; did you mean {close[0]!r}?' if close else ''} "
+                       f"(fields: {', '.join(known)})")
         lines.append(f"  {field}: {msg}; got {err.get('input')!r}")
     return "\n".join(lines)
 
@@ -469,7 +491,12 @@ def _merge(base: dict, top: dict) -> dict:
 
 def _read_preset(path: Path, seen: tuple = ()) -> dict:
     """A preset's YAML; `extends: <preset>` starts from another preset and overrides it."""
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a preset is a mapping of fields, got {type(raw).__name__}")
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -492,6 +519,8 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"
     if not path.exists():
+        if path.parent != PRESET_DIR:  # given as a file
+            raise ConfigError(f"preset file {str(path)!r} not found; presets by name: {list_presets()}")
         raise ConfigError(f"unknown preset {preset!r}; available: {list_presets()}")
     raw = _read_preset(path)
     if isinstance(overrides, list):
@@ -510,4 +539,5 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | No
     try:
         return Config.model_validate(raw, context={"stages": None if stages is None else tuple(stages)})
     except ValidationError as e:
-        raise ConfigError(_format_error(e, str(path))) from None
+        source = f"{path} with --set {', '.join(overrides)}" if overrides else str(path)
+        raise ConfigError(_format_error(e, source)) from None

@@ -39,6 +39,6 @@ def worker_name() -> str:
         from distributed import get_worker
 
         w = get_worker()
-        return str(w.name or w.address)
+        return str(w.address if w.name in (None, "") else w.name)  # a LocalCluster names its first worker 0
     except ValueError:  # not inside a worker
         return "local"

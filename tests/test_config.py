@@ -29,7 +29,9 @@ def test_overrides_apply_and_change_the_digest():
     ("device=gpu", ["device", "'cpu', 'cuda' or 'auto'", "'gpu'"]),
     ("task_model.name=yolo", ["task_model.name", "fasterrcnn_resnet50_fpn", "'yolo'"]),
     ("data.test_count=-3", ["data.test_count", "greater than or equal to 0"]),
-    ("data.nope=1", ["data.nope", "Extra inputs"]),
+    ("data.nope=1", ["data.nope", "not a field here", "test_count"]),
+    ("data.test_cuont=1", ["data.test_cuont", "did you mean 'test_count'?"]),
+    ("codecs.others.vbr.phiss=[1]", ["codecs.others.vbr.phiss", "did you mean 'phis'?", "checkpoint"]),
     ("data.image_ids={val: [1]}", ["data.image_ids", "unknown split"]),
     ("codecs.main.name=vtm", ["codecs.main.name", "'avif'", "'vtm'"]),
     ("codecs.main.phis=[-0.1]", ["codecs.main.phis", ">= 0"]),
@@ -39,8 +41,20 @@ def test_overrides_apply_and_change_the_digest():
 def test_wrong_values_name_field_and_allowed(override, words):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
-    for w in words:
+    for w in words + [f"with --set {override.split('=')[0]}"]:  # the override, not only the preset file
         assert w in str(e.value)
+
+
+def test_a_preset_file_that_is_missing_or_not_yaml_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="preset file '.*nope.yaml' not found; presets by name"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=f"{bad}: not valid YAML"):
+        load_config(str(bad))
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match=f"{bad}: a preset is a mapping of fields, got list"):
+        load_config(str(bad))
 
 
 def test_unknown_preset_lists_available():

@@ -98,6 +98,20 @@ def test_local_cluster_workers_get_the_allocator_settings(monkeypatch):
     assert list(env.values()) == [ALLOCATOR_ENV]
 
 
+def test_worker_names_in_summaries_are_the_workers_names():
+    """A LocalCluster names its workers 0, 1, ...: worker 0 was reported by its address."""
+    from distributed import Client, LocalCluster
+
+    from tasks.device import worker_name
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        names = {client.submit(worker_name, workers=[address], pure=False).result()
+                 for address in client.scheduler_info()["workers"]}
+    assert names == {"0", "1"}
+    assert worker_name() == "local"
+
+
 def test_local_workers_preload_the_exit_handler_that_freezes_their_heap():
     import dask
     from distributed import Client, LocalCluster
