@@ -63,22 +63,31 @@ def worker_device(cfg: Config, device: str) -> str:
 class Progress:
     """Counts finished items; logs and updates a Prefect progress artifact, with rate and ETA."""
 
-    def __init__(self, logger, label: str, total: int, artifact_key: str | None = None):
+    def __init__(self, logger, label: str, total: int, artifact_key: str | None = None, clock=time.time):
         from prefect.artifacts import create_progress_artifact
 
-        self.logger, self.label, self.total, self.done = logger, label, total, 0
-        self.started = time.time()
+        self.logger, self.label, self.total, self.done, self.clock = logger, label, total, 0, clock
+        self.started = clock()
+        self.first: tuple[float, int] | None = None  # (time, count) at the first finished items
         self.artifact_id = create_progress_artifact(progress=0.0, key=artifact_key, description=label) if total else None
 
     def advance(self, n: int) -> None:
         from prefect.artifacts import update_progress_artifact
 
         self.done += n
-        elapsed = time.time() - self.started
+        now = self.clock()
+        elapsed = now - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        # The ETA counts from the first finished items: the time before them is start-up (a
+        # cluster, model loading, a first task's compilation), which would inflate it many-fold.
+        if self.first is None:
+            self.first = (now, self.done)
+            eta = "ETA after the next item"
+        else:
+            steady = (self.done - self.first[1]) / max(now - self.first[0], 1e-9)
+            eta = f"ETA {(self.total - self.done) / steady:.0f} s"
         pct = 100.0 * self.done / max(1, self.total)
-        self.logger.info(f"{self.label}: {self.done}/{self.total} ({pct:.0f}%), {rate:.2f}/s, ETA {eta:.0f} s")
+        self.logger.info(f"{self.label}: {self.done}/{self.total} ({pct:.0f}%), {rate:.2f}/s, {eta}")
         if self.artifact_id:
             update_progress_artifact(self.artifact_id, progress=pct)
 

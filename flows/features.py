@@ -73,7 +73,11 @@ def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -
     cfg = Config(**config)
     logger = get_run_logger()
     device = resolve_device(cfg.device)
-    refs_by_split = image_refs(cfg, list(cfg.features.splits))
+    def rendered(done: int, count: int) -> None:  # called only where a synthetic split is rendered
+        if done in (1, count) or done % max(1, count // 4) == 0:
+            logger.info(f"features: rendering a synthetic split into {cfg.data.root}: {done}/{count} images")
+
+    refs_by_split = image_refs(cfg, list(cfg.features.splits), progress=rendered)
     store_url = cfg.store_url()
     # Built here once (CPU) to know which weights were really loaded and to size the store.
     model = build_task_model(cfg.task_model.name, _checkpoint(cfg), cfg.task_model.allow_random_weights)

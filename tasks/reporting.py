@@ -36,7 +36,8 @@ def md_cell(v, digits: int = 3) -> str:
     if isinstance(v, (float, np.floating)):
         if not math.isfinite(v):
             return "n/a"
-        return f"{v:.{digits}f}" if abs(v) >= 10 ** -digits or v == 0 else f"{v:.3g}"
+        small, large = abs(v) < 10 ** -digits and v != 0, abs(v) >= 1e7  # exponents, not 33 digits
+        return f"{v:.3g}" if small or large else f"{v:.{digits}f}"
     return str(v).replace("|", "/").replace("\n", " ")
 
 
