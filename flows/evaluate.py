@@ -353,9 +353,9 @@ def _caveats(cfg: Config, ec) -> list[str]:
                    "not comparable with the paper's COCO numbers; the demo shows the method and the machinery.")
     if cfg.codecs.main.trained_on == "none":
         out.append(f"The main codec is {cfg.codecs.main.name} (classical): the demo's learned codecs were trained "
-                   "on CPU for 2,000 to 2,400 steps per model only and saturate at about 25 dB mosaic PSNR, so their task loss hardly "
-                   "changes with rate; a trained ELIC / VBR codec (`mfiba train-codec` on a GPU) belongs in "
-                   "`codecs.main` for the paper's setting.")
+                   "on CPU for 2,000 to 2,400 steps per model only and saturate at about 25 dB mosaic PSNR, so "
+                   "their task loss hardly changes with rate; a trained ELIC / VBR codec (`mfiba train-codec` on "
+                   "a GPU) belongs in `codecs.main` for the paper's setting.")
     return out
 
 

@@ -73,6 +73,7 @@ def features_flow(config: dict, preset: str = "demo", overwrite: bool = False) -
     cfg = Config(**config)
     logger = get_run_logger()
     device = resolve_device(cfg.device)
+
     def rendered(done: int, count: int) -> None:  # called only where a synthetic split is rendered
         if done in (1, count) or done % max(1, count // 4) == 0:
             logger.info(f"features: rendering a synthetic split into {cfg.data.root}: {done}/{count} images")
