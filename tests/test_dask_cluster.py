@@ -143,3 +143,31 @@ def test_the_exit_handler_freezes_the_heap_after_handlers_registered_later():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["[0]", "True"]
+
+
+def test_the_heartbeat_failure_at_cluster_close_is_one_warning_line(caplog):
+    """distributed logs its heartbeat's closed-stream race (dask/distributed#7192) at ERROR
+    with two tracebacks; the preload's filter keeps it as one WARNING line, and leaves every
+    other record alone."""
+    import logging
+
+    from mfiba.dask_worker import HEARTBEAT_FAILED, HeartbeatRecord
+
+    worker_log = logging.getLogger("distributed.worker")
+    heartbeat_filter = HeartbeatRecord()
+    worker_log.addFilter(heartbeat_filter)
+    try:
+        with caplog.at_level(logging.INFO, logger="distributed.worker"):
+            try:
+                raise OSError("Stream is closed")
+            except OSError:
+                worker_log.exception(HEARTBEAT_FAILED + ".")
+                worker_log.exception("Unexpected exception during heartbeat. Closing worker.")
+    finally:
+        worker_log.removeFilter(heartbeat_filter)
+    heartbeat, other = caplog.records
+    assert heartbeat.levelname == "WARNING" and heartbeat.exc_info is None
+    assert heartbeat.getMessage().startswith(HEARTBEAT_FAILED + ": OSError: Stream is closed (expected while")
+    assert other.levelname == "ERROR" and other.exc_info is not None  # real errors keep their traceback
+    assert "Traceback" in caplog.text.split("Unexpected exception")[1] and \
+        "Traceback" not in caplog.text.split("Unexpected exception")[0]
