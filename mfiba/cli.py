@@ -177,24 +177,6 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    if args.command == "status":
-        from mfiba.runtime import setup_local_state
-
-        setup_local_state()
-        from flows.status import stage_status
-        from tasks.datasets.coco import DatasetError
-        from tasks.models.registry import WeightsNotFoundError
-
-        try:
-            rows = stage_status(cfg)
-        except (DatasetError, WeightsNotFoundError, ConfigError) as e:
-            print(f"mfiba: {e}", file=sys.stderr)
-            return 2
-        width = max(len(r["stage"]) for r in rows)
-        for r in rows:
-            print(f"{r['stage']:<{width}}  {r['state']:<10}  {r['detail']}")
-        return 0
-
     # Local state before anything imports prefect (it fixes PREFECT_HOME at import).
     from mfiba.runtime import LocalPrefectServer, setup_local_state
 
@@ -204,6 +186,14 @@ def _main(argv: list[str] | None = None) -> int:
     from tasks.models.registry import WeightsNotFoundError
 
     try:
+        if args.command == "status":  # reads only: no server, no cluster
+            from flows.status import stage_status
+
+            rows = stage_status(cfg)
+            width = max(len(r["stage"]) for r in rows)
+            for r in rows:
+                print(f"{r['stage']:<{width}}  {r['state']:<10}  {r['detail']}")
+            return 0
         if args.command == "data":
             from tasks.datasets.sources import image_refs
 
