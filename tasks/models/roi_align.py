@@ -1,7 +1,7 @@
 """RoIAlign for the precoding's box path on CPU: torchvision's arithmetic, channels innermost.
 
 torchvision's CPU RoIAlign loops over channels outermost, reading each channel plane with
-scalar loads: about 40 to 60 us per RoI for the demo's 64 channels, a third of the batched
+scalar loads: about 40 to 60 us per RoI for the demo's 64 channels, about half of the batched
 precoding's box-path time. This kernel runs the same float operations in the same order
 (`pre_calc_for_bilinear_interpolate` and the per-bin sums of torchvision's
 `roi_align_forward_kernel_impl`), with the channel loop innermost over a channels-last copy of
