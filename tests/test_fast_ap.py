@@ -40,3 +40,18 @@ def test_equals_cocoeval(seed):
     ap, ap75 = bbox_ap_one_image(gt_doc["annotations"], results, [c["id"] for c in CATEGORIES])
     for mine, theirs in ((ap, ref["AP"]), (ap75, ref["AP75"])):
         assert (np.isnan(mine) and np.isnan(theirs)) or mine == theirs, (seed, mine, theirs)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_equals_cocoeval_with_unlisted_categories_and_over_max_dets_in_several(seed):
+    """Categories are evaluated together in one array: detections of a category the ground
+    truth does not list are left out (as COCOeval does), and each category keeps its own top
+    100 by score."""
+    gt_doc, results = _case(7 * seed)  # seed % 7 == 0: up to 130 detections
+    rng = np.random.default_rng(seed)
+    extra = [{**r, "category_id": int(rng.choice([1, 9])), "score": float(rng.random())} for r in results]
+    results = results + extra  # over 100 in several categories, and category 9 unlisted
+    ref = evaluate(gt_doc, results, "bbox", image_ids=[1])
+    ap, ap75 = bbox_ap_one_image(gt_doc["annotations"], results, [c["id"] for c in CATEGORIES])
+    for mine, theirs in ((ap, ref["AP"]), (ap75, ref["AP75"])):
+        assert (np.isnan(mine) and np.isnan(theirs)) or mine == theirs, (seed, mine, theirs)

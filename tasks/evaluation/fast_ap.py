@@ -33,31 +33,20 @@ def _box_iou(dt: np.ndarray, gt: np.ndarray, crowd: np.ndarray) -> np.ndarray:
     return np.where((w <= 0) | (h <= 0), 0.0, iou)
 
 
-def _category_precision(gt_boxes, gt_crowd, dt_boxes, dt_scores) -> np.ndarray | None:
-    """(T, R) interpolated precision of one category, or None where COCOeval leaves -1."""
-    order = np.argsort(-dt_scores, kind="mergesort")[:MAX_DETS]
-    dt_boxes, dt_scores = dt_boxes[order], dt_scores[order]
-    gt_order = np.argsort(gt_crowd.astype(int), kind="mergesort")  # ignored (crowd) ground truth last
-    gt_boxes, gt_crowd = gt_boxes[gt_order], gt_crowd[gt_order]
-    n_gt_kept = int(np.count_nonzero(~gt_crowd))
-    if n_gt_kept == 0:
-        return None
-    n_t, n_d, n_g = len(IOU_THRESHOLDS), len(dt_scores), len(gt_crowd)
-    ious = _box_iou(dt_boxes, gt_boxes, gt_crowd) if n_d and n_g else np.zeros((n_d, n_g))
-    matched = np.zeros((n_t, n_d), bool)
-    ignored = np.zeros((n_t, n_d), bool)
-    # COCOeval's greedy matching with the loops swapped (each threshold keeps its own taken
-    # set, so the order does not matter): detections in score order, each at the thresholds
-    # it can reach. Under a threshold, its best IoU matches nothing there or above, so those
-    # are skipped (most of a weak pass's detections skip all ten).
-    starts = [min(t, 1 - 1e-10) for t in IOU_THRESHOLDS]
-    reachable = np.searchsorted(starts, ious.max(1) if n_g else np.zeros(n_d), side="right").tolist()
+def _greedy_matches(ious: np.ndarray, gt_crowd: np.ndarray, reachable: list[int], matched: np.ndarray,
+                    ignored: np.ndarray) -> None:
+    """COCOeval's greedy matching of one category, with the loops swapped (each threshold
+    keeps its own taken set, so the order does not matter): detections (rows of `ious`) in
+    score order, each at the thresholds it can reach (`reachable[d]`: under a threshold, its
+    best IoU matches nothing there or above, so most of a weak pass's detections skip all
+    ten). Ground truth columns: not ignored first. Fills `matched` and `ignored` (T, D)."""
+    n_g = len(gt_crowd)
     crowd = gt_crowd.tolist()
-    gt_taken = [[False] * n_g for _ in range(n_t)]
+    gt_taken = [[False] * n_g for _ in range(len(IOU_THRESHOLDS))]
     for d, row in enumerate(ious.tolist()):
         for t in range(reachable[d]):
             taken = gt_taken[t]
-            best, m = starts[t], -1
+            best, m = _STARTS[t], -1
             for g in range(n_g):
                 if taken[g] and not crowd[g]:
                     continue
@@ -69,18 +58,9 @@ def _category_precision(gt_boxes, gt_crowd, dt_boxes, dt_scores) -> np.ndarray |
             if m == -1:
                 continue
             ignored[t, d], matched[t, d], taken[m] = crowd[m], True, True
-    tps = np.cumsum(matched & ~ignored, axis=1).astype(float)
-    fps = np.cumsum(~matched & ~ignored, axis=1).astype(float)
-    if n_d == 0:
-        return np.zeros((n_t, len(RECALL_THRESHOLDS)))
-    recall = tps / n_gt_kept
-    # COCOeval's backward loop precision[i-1] = max(precision[i-1], precision[i]): the
-    # running maximum from the end (max is exact, so the same floats)
-    precision = np.maximum.accumulate((tps / (fps + tps + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
-    # searchsorted(recall[t], RECALL_THRESHOLDS, 'left') for every t: the recalls under each
-    # threshold, counted. A pick past the end gives 0: COCOeval fills q until the first one.
-    picks = (recall[:, :, None] < RECALL_THRESHOLDS[None, None, :]).sum(1)
-    return np.where(picks < n_d, np.take_along_axis(precision, np.minimum(picks, n_d - 1), 1), 0.0)
+
+
+_STARTS = [min(t, 1 - 1e-10) for t in IOU_THRESHOLDS]
 
 
 def bbox_ap_one_image(gt_annotations: list[dict], results: list[dict], category_ids) -> tuple[float, float]:
@@ -88,24 +68,67 @@ def bbox_ap_one_image(gt_annotations: list[dict], results: list[dict], category_
     COCOeval's stats[0] and stats[2] for area 'all' (NaN where COCOeval gives -1).
 
     gt_annotations: COCO annotations (bbox xywh, category_id, optional iscrowd) of the image;
-    results: COCO result dicts (bbox, category_id, score) in the order they were produced."""
-    per_category = []
-    for c in sorted(int(k) for k in category_ids):
-        g = [a for a in gt_annotations if int(a["category_id"]) == c]
-        d = [r for r in results if int(r["category_id"]) == c]
-        if not g and not d:
-            per_category.append(None)
-            continue
-        per_category.append(_category_precision(
-            np.array([a["bbox"] for a in g], float).reshape(-1, 4),
-            np.array([bool(a.get("iscrowd", 0)) for a in g], bool),
-            np.array([r["bbox"] for r in d], float).reshape(-1, 4),
-            np.array([r["score"] for r in d], float)))
-    shape = (len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(per_category))
-    precision = -np.ones(shape)
-    for k, p in enumerate(per_category):
-        if p is not None:
-            precision[:, :, k] = p
+    results: COCO result dicts (bbox, category_id, score) in the order they were produced.
+
+    All categories at once (precoding scores m x scales passes per image, each with a few
+    objects in several categories: per-category array work cost more than the matching):
+    per category, detections sorted by score (stable) and cut at maxDets, ground truth with
+    the ignored (crowd) last, then one (category, threshold, detection) array, padded."""
+    categories = sorted(int(k) for k in category_ids)
+    index = {c: k for k, c in enumerate(categories)}
+    n_cat, n_t, n_r = len(categories), len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
+    gt = [(index[int(a["category_id"])], bool(a.get("iscrowd", 0)), a["bbox"]) for a in gt_annotations
+          if int(a["category_id"]) in index]
+    dt = [(index[int(r["category_id"])], r["score"], r["bbox"]) for r in results if int(r["category_id"]) in index]
+    gt_cat = np.array([g[0] for g in gt], int)
+    gt_crowd = np.array([g[1] for g in gt], bool)
+    gt_order = np.lexsort((gt_crowd, gt_cat))  # by category, not ignored first, stable
+    gt_cat, gt_crowd = gt_cat[gt_order], gt_crowd[gt_order]
+    gt_boxes = np.array([g[2] for g in gt], float).reshape(-1, 4)[gt_order]
+    gt_start = np.searchsorted(gt_cat, np.arange(n_cat + 1))  # category k's columns: gt_start[k]:gt_start[k + 1]
+    n_gt_kept = np.bincount(gt_cat[~gt_crowd], minlength=n_cat)
+    dt_cat = np.array([d[0] for d in dt], int)
+    dt_scores = np.array([d[1] for d in dt], float)
+    order = np.lexsort((-dt_scores, dt_cat))  # by category, then score descending, stable
+    dt_cat = dt_cat[order]
+    rank = np.arange(len(order)) - np.searchsorted(dt_cat, dt_cat)  # position within the category
+    order, dt_cat, rank = order[rank < MAX_DETS], dt_cat[rank < MAX_DETS], rank[rank < MAX_DETS]
+    dt_boxes = np.array([d[2] for d in dt], float).reshape(-1, 4)[order]
+    n_dt = np.bincount(dt_cat, minlength=n_cat)
+    d_max = int(n_dt.max(initial=0))
+
+    matched = np.zeros((n_cat, n_t, d_max), bool)
+    ignored = np.zeros((n_cat, n_t, d_max), bool)
+    if len(dt_cat) and len(gt_cat):
+        ious = _box_iou(dt_boxes, gt_boxes, gt_crowd)
+        same = dt_cat[:, None] == gt_cat[None, :]
+        best = np.where(same, ious, 0.0).max(1)
+        reachable = np.searchsorted(_STARTS, best, side="right")
+        dt_start = np.searchsorted(dt_cat, np.arange(n_cat + 1))
+        for k in np.flatnonzero((n_dt > 0) & (gt_start[1:] > gt_start[:-1])).tolist():
+            rows, cols = slice(dt_start[k], dt_start[k + 1]), slice(gt_start[k], gt_start[k + 1])
+            _greedy_matches(ious[rows, cols], gt_crowd[cols], reachable[rows].tolist(), matched[k], ignored[k])
+    padding = np.arange(d_max)[None, None, :] >= n_dt[:, None, None]  # past a category's detections
+    tps = np.cumsum(matched & ~ignored, axis=2).astype(float)
+    fps = np.cumsum(~matched & ~ignored & ~padding, axis=2).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(padding, np.inf, tps / n_gt_kept[:, None, None])
+    # COCOeval's backward loop precision[i-1] = max(precision[i-1], precision[i]): the
+    # running maximum from the end (max is exact, so the same floats; padding adds zeros)
+    precision = np.where(padding, 0.0, tps / (fps + tps + np.spacing(1)))
+    precision = np.maximum.accumulate(precision[:, :, ::-1], axis=2)[:, :, ::-1]
+    # searchsorted(recall[t], RECALL_THRESHOLDS, 'left') for every t: the recalls under each
+    # threshold, counted. A pick past the end gives 0: COCOeval fills q until the first one.
+    picks = (recall[:, :, :, None] < RECALL_THRESHOLDS).sum(2)  # (K, T, R)
+    if d_max:
+        values = np.take_along_axis(precision, np.minimum(picks, np.maximum(n_dt - 1, 0)[:, None, None]), 2)
+    else:
+        values = np.zeros(picks.shape)
+    per_category = np.where(picks < n_dt[:, None, None], values, 0.0)
+    # -1 (left out of the mean) where COCOeval has no precision: no ground truth kept
+    per_category[n_gt_kept == 0] = -1.0
+    precision = np.ascontiguousarray(per_category.transpose(1, 2, 0))  # COCOeval's (T, R, K) order
+    assert precision.shape == (n_t, n_r, n_cat)
     return _mean_valid(precision), _mean_valid(precision[_T75:_T75 + 1])
 
 

@@ -168,8 +168,11 @@ class PassReuse:
             self.lossless_levels = [
                 _level_candidates(net.rpn, captured["objectness"][sl], captured["boxes"][sl].__getitem__,
                                   meta.image_sizes[0]) for sl in self.level_slices]
+            self.lossless_features = feats
+            self._pooling_levels: dict[str, torch.Tensor] = {}  # channels-last lossless levels, made on demand
             rh = net.roi_heads
-            logits, deltas = rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, proposals, image_list.image_sizes)))
+            logits, deltas = rh.box_predictor(rh.box_head(self._lossless_pooled(rh.box_roi_pool, proposals[0],
+                                                                               image_list.image_sizes)))
         self.n_classes = logits.shape[1]
         self.lossless_boxes = torch.cat([logits, deltas], dim=1)
         # the lossless proposals' coordinates as sorted 16-byte keys: a proposal of a pass is
@@ -177,10 +180,39 @@ class PassReuse:
         keys = _box_keys(proposals[0])
         self.lossless_order = np.argsort(keys, kind="stable")
         self.lossless_keys = keys[self.lossless_order]
-        self.lossless_features = feats
-        self._pooling_levels: dict[str, torch.Tensor] = {}  # channels-last lossless levels, made on demand
         # Box-path rows run and rows in all, over every batch of this image (shared by for_passes).
         self.rows = {"computed": 0, "total": 0}
+
+    def _lossless_pooling_level(self, name: str) -> torch.Tensor:
+        """The lossless level `name`, channels-last (what the RoIAlign kernel reads), made once."""
+        level = self._pooling_levels.get(name)
+        if level is None:
+            level = self._pooling_levels[name] = self.lossless_features[name].contiguous(
+                memory_format=torch.channels_last)
+        return level
+
+    def _lossless_pooled(self, pool: nn.Module, proposals: torch.Tensor, image_sizes) -> torch.Tensor:
+        """MultiScaleRoIAlign's output for the lossless proposals, from the compiled kernel on
+        the channels-last levels (the same values: tests/test_roi_align.py): the box head then
+        runs on all rows at once, as in the plain heads, so the lossless detections are theirs
+        bit for bit. Sets up the pooler's scales and level mapping as its own forward does."""
+        from torchvision.ops.poolers import _filter_input, _setup_scales
+
+        from tasks.models.roi_align import roi_align
+
+        if pool.scales is None or pool.map_levels is None:
+            pool.scales, pool.map_levels = _setup_scales(_filter_input(self.lossless_features, pool.featmap_names),
+                                                         image_sizes, pool.canonical_scale, pool.canonical_level)
+        levels = pool.map_levels([proposals])
+        rois = torch.cat([proposals.new_zeros((len(proposals), 1)), proposals], dim=1)
+        pooled = proposals.new_zeros((len(proposals), self.lossless_features[pool.featmap_names[0]].shape[1],
+                                      *pool.output_size))
+        for level, name in enumerate(pool.featmap_names):
+            rows = torch.where(levels == level)[0]
+            if len(rows):
+                pooled[rows] = roi_align(self._lossless_pooling_level(name), rois[rows], pool.output_size,
+                                         pool.scales[level], pool.sampling_ratio)
+        return pooled
 
     def pooling_input(self, name: str, stacked: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Level `name`'s images for pooling `rois` (batch index = pass), channels-last (what
@@ -188,10 +220,7 @@ class PassReuse:
         level, so one shared copy of it stands for all those passes, and only the passes that
         changed the level are converted. Returns the images and the rois renumbered to them."""
         passes = [b for b in range(len(stacked)) if name in self.changed[b]]
-        lossless = self._pooling_levels.get(name)
-        if lossless is None:
-            lossless = self._pooling_levels[name] = self.lossless_features[name].contiguous(
-                memory_format=torch.channels_last)
+        lossless = self._lossless_pooling_level(name)
         if not passes:
             images = lossless
         else:
