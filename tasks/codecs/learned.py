@@ -291,6 +291,11 @@ class LearnedCodec(FeatureCodec):
                     transform.register_forward_pre_hook(_channels_last_input)
                     transform.register_forward_hook(_contiguous_output)
                     use_channels_last_gdn(transform)
+                    for layer in transform.modules():
+                        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+                            # stored as a channels-last input wants them: otherwise torch converts
+                            # the weights on every call (precoding: m x scales syntheses), same values
+                            layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
                     transform._mfiba_channels_last = True
         self.lambdas = lams
         self.architecture = architecture
@@ -493,7 +498,7 @@ def save_codec(path: str | os.PathLike, codec: LearnedCodec) -> str:
         "variable_rate": codec.variable_rate,
         "rate_points": [
             {("lambdas" if codec.variable_rate else "lambda"): lam,
-             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+             "state_dict": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}}
             for lam, model in codec._rate_points()
         ],
         "source": codec.source,
