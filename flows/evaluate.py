@@ -259,11 +259,13 @@ def evaluate_flow(config: dict, preset: str = "demo") -> dict:
     detections = det_table.read(current).sort_values(["pool_mode", "method", "point", "image_id"], ignore_index=True)
     gt = ds.to_coco(image_ids)
     pts, evals = report.score_points(detections, gt, list(score_tasks), image_ids, compact=True)
+    # the plan's codec labels ('main', an `others` label) as the codecs' names, as in bdrate.csv
+    codec_names = {"main": cfg.codecs.main.name, **{label: spec.name for label, spec in cfg.codecs.others.items()}}
+    pts["codec"] = ["+".join(codec_names.get(c, c) for c in str(v).split("+")) for v in pts["codec"]]
     ceil = report.ceiling(ceiling_future.result(), gt, list(score_tasks), image_ids)
     anchors = ["uniform"] + ([f"uniform-{ec.natural_image_anchor}"] if ec.natural_image_anchor else [])
     bd = report.bd_table(pts, evals, list(score_tasks), anchors=anchors, n_boot=ec.bootstrap, seed=cfg.seed)
-    codec_of = {m: (cfg.codecs.main.name if c == "main" else cfg.codecs.others[c].name)
-                for m, c in zip(detections.method, detections.codec)}
+    codec_of = {m: codec_names[c] for m, c in zip(detections.method, detections.codec)}
     plots_dir = run / "plots"
     figures = {"RD " + os.path.basename(p)[3:-4].replace("_", " "): os.path.relpath(p, run)
                for p in report.rd_plots(pts, ceil, list(score_tasks), plots_dir)}

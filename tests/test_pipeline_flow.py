@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mfiba.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 MFIBA = str(Path(sys.executable).with_name("mfiba"))
 
@@ -66,6 +68,8 @@ def test_demo_pipeline_end_to_end_and_reruns_nothing(tmp_path, cli_env):
     assert len(streams) == ev["coded_images"] == 4 * 5 * len(methods)
     bd = pd.read_csv(ev["bdrate"])
     assert set(bd.method) == methods - {"uniform"}
+    # Both tables name the codec alike (its name, not the config's 'main' label).
+    assert set(points.codec) == set(bd.codec) == {load_config("demo").codecs.main.name}
     assert Path(ev["report"]).read_text().count("|") > 20
     again, log = _run(tmp_path, "evaluate", cli_env)
     assert again["reused"] == again["coded_images"] and "0 to compute" in log
