@@ -10,7 +10,8 @@ Two implementations with the same results:
   qualities), the head passes of one quality stacked into one batch through only the head
   branches the losses need (box-only for bbox), what a pass did not change (RPN levels, box
   features of unchanged proposals) taken from the lossless pass (PassReuse), and box losses
-  by the exact one-image AP (fast_ap) instead of COCOeval.
+  by the exact one-image AP (fast_ap) instead of COCOeval. No rate estimate: MFIP's weights
+  need the losses only (the online MFIP of the evaluate stage runs the same steps).
 In derived-'pool' mode there are 4 coded scales and the distortion of '3' reaches 'pool'.
 """
 from __future__ import annotations
@@ -156,10 +157,12 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     return res
 
 
-def decode_all_qualities(codec: FeatureCodec, feats, scales, phis) -> list[dict]:
+def decode_all_qualities(codec: FeatureCodec, feats, scales, phis, bits: bool = True) -> list[dict]:
     """Per quality, {scale: (decoded features, estimated bits)} without entropy coding; a
-    variable-rate codec shares its phi-independent work between the qualities."""
-    per_scale = {s: codec.reconstruct_scale_multi(s, feats[s][0], phis) for s in scales}
+    variable-rate codec shares its phi-independent work between the qualities. `bits=False`
+    (MFIP: only the task losses count): None for the bits where the codec can skip its
+    rate estimate."""
+    per_scale = {s: codec.reconstruct_scale_multi(s, feats[s][0], phis, bits=bits) for s in scales}
     return [{s: per_scale[s][q] for s in scales} for q in range(len(phis))]
 
 
@@ -205,12 +208,13 @@ def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, 
 
 def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, phis,
                     categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
-    """No entropy coder; the passes of one quality run as one batch through the heads."""
+    """No entropy coder and no rate estimate; the passes of one quality run as one batch
+    through the heads."""
     reuse = PassReuse(model, feats, meta)
     ref, _ = lossless_pass(model, image_id, feats, meta, categories, tasks=iou_types, reuse=reuse)
     res = PrecodeResult(reference_empty=ref.empty)
     t0 = time.perf_counter()
-    decoded = decode_all_qualities(codec, feats, coded_scales(pool_mode), phis)
+    decoded = decode_all_qualities(codec, feats, coded_scales(pool_mode), phis, bits=False)
     res.seconds_codec += time.perf_counter() - t0
     for q, phi in enumerate(phis):
         res.add(precode_quality(model, codec, image_id, feats, meta, q, phi, ref, iou_types, pool_mode,

@@ -52,3 +52,6 @@ def test_reconstruct_at_all_qualities_equals_one_at_a_time(role):
         for phi, (x, bits) in zip(phis, together):
             x1, bits1 = codec.reconstruct_scale(scale, feats[scale], phi)
             assert torch.equal(x, x1) and bits == pytest.approx(bits1, rel=1e-12, abs=0)
+        # Without the rate estimate (MFIP): the same decoded features.
+        for (x, bits), (x0, _) in zip(codec.reconstruct_scale_multi(scale, feats[scale], phis, bits=False), together):
+            assert torch.equal(x, x0) and (bits is None) == (role == "vbr")  # only VBR skips it

@@ -146,17 +146,21 @@ class FeatureCodec:
         to what a rANS round trip decodes; tested); others code for real (bits then exact)."""
         return self.reconstruct_scale_multi(scale, x, [phi])[0]
 
-    def reconstruct_scale_multi(self, scale: str, x: torch.Tensor, phis) -> list[tuple[torch.Tensor, float | None]]:
+    def reconstruct_scale_multi(self, scale: str, x: torch.Tensor, phis,
+                                bits: bool = True) -> list[tuple[torch.Tensor, float | None]]:
         """`reconstruct_scale` at several phis: one check, normalisation and packing for all
         of them, and, for a codec with `forward_mosaic_multi` (variable-rate learned ones),
-        what does not depend on phi computed once."""
+        what does not depend on phi computed once. `bits=False`: a codec that can skip its
+        rate estimate (the likelihoods) returns None for the bits (MFIP needs only the
+        decoded features)."""
         mosaic, info, norm = self._mosaic(scale, x, phis)
 
         def features(x_hat: torch.Tensor) -> torch.Tensor:
             return denormalise(unpack(x_hat.clamp(0, 1), info), norm)
 
         if hasattr(self, "forward_mosaic_multi"):
-            return [(features(x_hat), bits) for x_hat, bits in self.forward_mosaic_multi(mosaic, phis)]
+            return [(features(x_hat), estimate)
+                    for x_hat, estimate in self.forward_mosaic_multi(mosaic, phis, bits=bits)]
         if hasattr(self, "forward_mosaic"):
             return [(features(x_hat), bits) for x_hat, bits in (self.forward_mosaic(mosaic, p) for p in phis)]
         out = []

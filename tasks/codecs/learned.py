@@ -438,12 +438,15 @@ class LearnedCodec(FeatureCodec):
                 bits += float(-torch.log2(item.double()).sum())
         return out["x_hat"][0].clamp(0, 1), bits
 
-    def forward_mosaic_multi(self, mosaic: torch.Tensor, phis) -> list[tuple[torch.Tensor, float]]:
+    def forward_mosaic_multi(self, mosaic: torch.Tensor, phis,
+                             bits: bool = True) -> list[tuple[torch.Tensor, float | None]]:
         """`forward_mosaic` at several phis of one mosaic. For compressai's
         MeanScaleHyperpriorVbr the gain acts only where y is quantised: analysis, hyper
         analysis, z and hyper synthesis do not depend on phi and run once; only the
         quantisation and the synthesis run per quality (precoding's m qualities cost one
-        analysis instead of m). Same arithmetic as its stage-2 forward (tested)."""
+        analysis instead of m). Same arithmetic as its stage-2 forward (tested).
+        `bits=False`: no likelihoods, None for the bits (the other codecs' forward computes
+        them anyway and returns them)."""
         phis = [float(p) for p in phis]
         model = self.models[0]
         if not (self.variable_rate and type(model).__name__ == "MeanScaleHyperpriorVbr"
@@ -456,10 +459,11 @@ class LearnedCodec(FeatureCodec):
         with _deterministic(self.threads):
             y = model.g_a(x)
             z = model.h_a(y)
-            _, z_likelihoods = model.entropy_bottleneck(z)
             z_offset = model.entropy_bottleneck._get_medians()
             scales_hat, means_hat = model.h_s(quantize_ste(z - z_offset) + z_offset).chunk(2, 1)
-            z_bits = float(-torch.log2(z_likelihoods.double()).sum())
+            if bits:
+                _, z_likelihoods = model.entropy_bottleneck(z)
+                z_bits = float(-torch.log2(z_likelihoods.double()).sum())
             y_hats, y_bits = [], []
             for extra in extras:
                 scale = model._get_scale(2, 0, extra["inputscale"])
@@ -473,12 +477,14 @@ class LearnedCodec(FeatureCodec):
                 q_offsets = (-1) * (model.QuantABCD.forward(stdev_and_gain)).squeeze(dim=4)
                 q_offsets[q_abs < 0.0001] = 0
                 y_hats.append((signs * (q_abs + q_offsets)) * rescale + means_hat)
-                _, y_likelihoods = model.gaussian_conditional(y * scale, scales_hat * scale, means=means_hat * scale)
-                y_bits.append(float(-torch.log2(y_likelihoods.double()).sum()))
+                if bits:
+                    _, y_likelihoods = model.gaussian_conditional(y * scale, scales_hat * scale,
+                                                                  means=means_hat * scale)
+                    y_bits.append(float(-torch.log2(y_likelihoods.double()).sum()) + z_bits)
             # One synthesis per quality: stacking them into one batch was slower on CPU
             # (measured: 1.23 s against 8 x 0.11 s for the demo's 8 qualities).
             x_hats = [model.g_s(y_hat)[0] for y_hat in y_hats]
-        return [(x_hats[k].clamp(0, 1), y_bits[k] + z_bits) for k in range(len(phis))]
+        return [(x_hats[k].clamp(0, 1), y_bits[k] if bits else None) for k in range(len(phis))]
 
     def estimate_bits(self, mosaic: torch.Tensor, phi: float) -> float:
         """Rate estimate from the likelihoods: sum of -log2 p over all latents."""

@@ -117,7 +117,7 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
                                 one_image_gt(dataset, image_id) if settings.oracle else None, reuse)
     rows = {m: [] for m in pool_modes}
     needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
-    decoded = decode_all_qualities(codec, image.feats, needed, settings.phis)
+    decoded = decode_all_qualities(codec, image.feats, needed, settings.phis, bits=False)  # weights: losses only
     for q, phi in enumerate(settings.phis):
         for mode, res in precode_quality_modes(model, codec, image_id, image.feats, image.meta, q, phi, ref,
                                                settings.tasks, pool_modes, oracle, decoded=decoded[q],
