@@ -76,7 +76,7 @@ def bbox_ap_one_image(gt_annotations: list[dict], results: list[dict], category_
     the ignored (crowd) last, then one (category, threshold, detection) array, padded."""
     categories = sorted(int(k) for k in category_ids)
     index = {c: k for k, c in enumerate(categories)}
-    n_cat, n_t, n_r = len(categories), len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
+    n_cat, n_t = len(categories), len(IOU_THRESHOLDS)
     gt = [(index[int(a["category_id"])], bool(a.get("iscrowd", 0)), a["bbox"]) for a in gt_annotations
           if int(a["category_id"]) in index]
     dt = [(index[int(r["category_id"])], r["score"], r["bbox"]) for r in results if int(r["category_id"]) in index]
@@ -128,7 +128,6 @@ def bbox_ap_one_image(gt_annotations: list[dict], results: list[dict], category_
     # -1 (left out of the mean) where COCOeval has no precision: no ground truth kept
     per_category[n_gt_kept == 0] = -1.0
     precision = np.ascontiguousarray(per_category.transpose(1, 2, 0))  # COCOeval's (T, R, K) order
-    assert precision.shape == (n_t, n_r, n_cat)
     return _mean_valid(precision), _mean_valid(precision[_T75:_T75 + 1])
 
 
