@@ -135,6 +135,15 @@ def test_pack_rejects_bad_input():
         unpack(mosaic[:, :-1], info)
 
 
+def test_unpack_reads_a_mosaic_with_or_without_its_padding():
+    x = random_features(64, 32, 32)
+    mosaic, info = pack(x, stride=64)
+    assert mosaic.shape[1:] != (info.mosaic_height, info.mosaic_width)  # 160 px padded to 192
+    assert torch.equal(unpack(mosaic[:, :info.mosaic_height, :info.mosaic_width], info), x)
+    with pytest.raises(ValueError, match=r"\(3, 192, 192\) or \(3, 160, 160\)"):
+        unpack(mosaic[:, :170, :170], info)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     channels=st.integers(1, 300),

@@ -159,8 +159,9 @@ class FeatureCodec:
             return denormalise(unpack(x_hat.clamp(0, 1), info), norm)
 
         if hasattr(self, "forward_mosaic_multi"):
+            region = (info.mosaic_height, info.mosaic_width)  # unpack reads no padding
             return [(features(x_hat), estimate)
-                    for x_hat, estimate in self.forward_mosaic_multi(mosaic, phis, bits=bits)]
+                    for x_hat, estimate in self.forward_mosaic_multi(mosaic, phis, bits=bits, region=region)]
         if hasattr(self, "forward_mosaic"):
             return [(features(x_hat), bits) for x_hat, bits in (self.forward_mosaic(mosaic, p) for p in phis)]
         out = []

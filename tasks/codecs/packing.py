@@ -158,10 +158,12 @@ def pack(x: Tensor, stride: int = DEFAULT_STRIDE) -> tuple[Tensor, PackInfo]:
 
 
 def unpack(mosaic: Tensor, info: PackInfo) -> Tensor:
-    """Exact inverse of `pack`: (3, padded_height, padded_width) -> (C, H, W)."""
-    expected_shape = (GROUP_SIZE, info.padded_height, info.padded_width)
-    if tuple(mosaic.shape) != expected_shape:
-        raise ValueError(f"mosaic shape {tuple(mosaic.shape)} does not match PackInfo {expected_shape}")
+    """Exact inverse of `pack`: (3, padded_height, padded_width) -> (C, H, W). The mosaic
+    may also come without its padding: (3, mosaic_height, mosaic_width)."""
+    shapes = {(GROUP_SIZE, info.padded_height, info.padded_width), (GROUP_SIZE, info.mosaic_height, info.mosaic_width)}
+    if tuple(mosaic.shape) not in shapes:
+        raise ValueError(f"mosaic shape {tuple(mosaic.shape)} does not match PackInfo "
+                         f"{' or '.join(str(s) for s in sorted(shapes, reverse=True))}")
     cropped = mosaic[:, : info.mosaic_height, : info.mosaic_width]
     stacked = (
         cropped.reshape(GROUP_SIZE, info.rows, info.height, info.cols, info.width)
