@@ -172,7 +172,7 @@ def _bench_mfip_codec(cfg, spec, images: int, repeats: int) -> dict:
                        "loop": "real entropy coding and decoding per pass, full heads one pass at a time, "
                                "losses by COCOeval",
                        "batched": "synthesis of the quantised latent (a VBR codec's analysis once for all "
-                                  "qualities), passes of one quality stacked, box-only heads, the RPN (head to NMS) "
+                                  "qualities; the mosaic's packed region only, as the decoder), passes of one quality stacked, box-only heads, the RPN (head to NMS) "
                                   "only on the changed level, box head only on changed proposals, exact "
                                   "one-image box AP"},
             "per_image": rows, "median": med, "profile_batched": profile, "parts_batched": parts,

@@ -60,46 +60,71 @@ def test_reconstruct_at_all_qualities_equals_one_at_a_time(role):
 @pytest.mark.parametrize("latent, region", [((20, 20), (320, 320)), ((12, 12), (160, 160)), ((8, 8), (80, 80)),
                                             ((4, 4), (40, 40)), ((4, 4), (20, 20)), ((12, 8), (150, 97)),
                                             ((3, 5), (1, 1))])
-def test_synthesis_of_region_is_the_full_synthesis_cropped(latent, region):
-    """Precoding synthesises only the packed region of a mosaic (not its stride padding):
-    bit for bit what the full synthesis (the decoder's) gives there, on the first call of a
-    shape (which checks the cut path) and after, at the demo scales' shapes and odd ones."""
-    from tasks.codecs.layers import synthesis_of_region
+def test_synthesis_of_a_region_is_the_full_synthesis_cropped(latent, region):
+    """The decoder and precoding synthesise only the region of a mosaic unpack reads (not
+    its stride padding): bit for bit what the full synthesis gives there, on the first call
+    of a shape (which checks the cut path) and after, at the demo scales' shapes and odd
+    ones."""
+    from tasks.codecs.base import reading_region
+    from tasks.codecs.layers import RegionSynthesis
     from tasks.codecs.learned import _deterministic
 
     codec = build_codec_from_spec(CFG.codecs.others["vbr"], "vbr", CFG.resolve_path)
     g_s = codec.models[0].g_s
+    assert type(g_s) is RegionSynthesis
     g = torch.Generator().manual_seed(1)
     with _deterministic(codec.threads):
         for _ in range(3):
             y_hat = torch.randn(1, g_s[0].in_channels, *latent, generator=g).mul(4).round()
-            part = synthesis_of_region(g_s, y_hat, *region)
+            full = g_s(y_hat)
+            with reading_region(*region):
+                part = g_s(y_hat)
             assert part.shape[-2:] == region
-            assert torch.equal(part, g_s(y_hat)[..., :region[0], :region[1]])
+            assert torch.equal(part, full[..., :region[0], :region[1]])
 
 
-def test_synthesis_of_region_falls_back_where_the_cut_path_is_not_exact(monkeypatch):
+def test_synthesis_of_a_region_falls_back_where_the_cut_path_is_not_exact(monkeypatch):
     """A shape whose cut path sums differently (a kernel blocking it otherwise) is found on
     its first call and synthesised in full from then on."""
-    from tasks.codecs import layers
+    from tasks.codecs.base import reading_region
+    from tasks.codecs.layers import RegionSynthesis
 
     codec = build_codec_from_spec(CFG.codecs.others["vbr"], "vbr", CFG.resolve_path)
     g_s = codec.models[0].g_s
-    cut = layers._cut_synthesis
-    calls = []
-    monkeypatch.setattr(layers, "_cut_synthesis", lambda *a: calls.append(1) or cut(*a).add(1e-6))
+    cut, calls = RegionSynthesis._cut, []
+    monkeypatch.setattr(RegionSynthesis, "_cut", lambda *a: calls.append(1) or cut(*a).add(1e-6))
     y_hat = torch.randn(1, g_s[0].in_channels, 5, 6).round()
     with torch.no_grad():
+        full = g_s(y_hat)[..., :70, :90]
         for _ in range(2):
-            assert torch.equal(layers.synthesis_of_region(g_s, y_hat, 70, 90), g_s(y_hat)[..., :70, :90])
+            with reading_region(70, 90):
+                assert torch.equal(g_s(y_hat), full)
     assert len(calls) == 1  # the check, on the first call only
-    assert [v for k, v in layers._region_verdicts[g_s].items() if k[:3] == (tuple(y_hat.shape), 70, 90)] == [False]
+    assert [ok for key, ok in g_s._region_verdicts.items() if key[:3] == ((1, 96, 5, 6), 70, 90)] == [False]
 
 
-def test_synthesis_of_region_runs_other_transforms_in_full():
-    from tasks.codecs.layers import synthesis_of_region
+def test_decoder_outputs_the_region_read_and_the_same_features():
+    """decompress leaves the padding out of the synthesis; the features are those of a
+    full decode."""
+    from tasks.codecs.base import MosaicCode, decode_stream
+    from tasks.codecs.packing import NormParams, PackInfo, denormalise, unpack
 
-    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1))  # reads its right neighbours
-    y = torch.randn(1, 2, 9, 9)
-    with torch.no_grad():
-        assert torch.equal(synthesis_of_region(conv, y, 4, 5), conv(y)[..., :4, :5])
+    codec = build_codec_from_spec(CFG.codecs.others["vbr"], "vbr", CFG.resolve_path)
+    feats = _demo_features()
+    data = codec.compress(feats, CFG.codecs.others["vbr"].phis[2])
+    decoded = codec.decompress(data)
+    for p in decode_stream(data)[1]:
+        info = PackInfo.from_dict(p.packing)
+        full = codec.decode_mosaic(MosaicCode(p.strings, tuple(p.latent_shape)), p.phi)
+        assert full.shape[-2:] == (info.padded_height, info.padded_width)
+        assert torch.equal(decoded[p.scale], denormalise(unpack(full.clamp(0, 1), info), NormParams.from_bytes(p.norm)))
+
+
+def test_only_plain_transposed_convolution_syntheses_are_cut():
+    from tasks.codecs.layers import RegionSynthesis, use_region_synthesis
+
+    plain = torch.nn.Sequential(torch.nn.ConvTranspose2d(2, 3, 5, 2, 2, 1))
+    other = torch.nn.Sequential(torch.nn.ConvTranspose2d(2, 3, 5, 2, 2, 1), torch.nn.Conv2d(3, 3, 3, padding=1))
+    use_region_synthesis(plain)
+    use_region_synthesis(other)
+    assert type(plain) is RegionSynthesis and type(other) is torch.nn.Sequential

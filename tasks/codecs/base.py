@@ -11,10 +11,12 @@ packing, normalisation, derived 'pool' and the bitstream format are shared here.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -86,6 +88,26 @@ def derive_pool(level3: torch.Tensor) -> torch.Tensor:
     return level3[..., ::2, ::2]
 
 
+# The top-left (height, width) of a mosaic its caller reads (the packed features, not the
+# stride padding), set around decode_mosaic and forward_mosaic*: a codec may leave the rest
+# out of its output (the learned ones' synthesis: `layers.RegionSynthesis`); `unpack` takes
+# the mosaic with or without it.
+_mosaic_region: ContextVar[tuple[int, int] | None] = ContextVar("mosaic_region", default=None)
+
+
+def mosaic_region() -> tuple[int, int] | None:
+    return _mosaic_region.get()
+
+
+@contextlib.contextmanager
+def reading_region(height: int, width: int) -> Iterator[None]:
+    token = _mosaic_region.set((height, width))
+    try:
+        yield
+    finally:
+        _mosaic_region.reset(token)
+
+
 @dataclass(frozen=True)
 class MosaicCode:
     strings: list[bytes]
@@ -111,6 +133,8 @@ class FeatureCodec:
         raise NotImplementedError
 
     def decode_mosaic(self, code: MosaicCode, phi: float) -> torch.Tensor:
+        """(3, H, W), or only its top-left `mosaic_region()` where one is set and the codec
+        can leave the rest out."""
         raise NotImplementedError
 
     # -- shared --------------------------------------------------------------------
@@ -137,7 +161,8 @@ class FeatureCodec:
 
     def decompress_scale(self, payload: ScalePayload) -> torch.Tensor:
         info = PackInfo.from_dict(payload.packing)
-        mosaic = self.decode_mosaic(MosaicCode(payload.strings, tuple(payload.latent_shape)), payload.phi)
+        with reading_region(info.mosaic_height, info.mosaic_width):
+            mosaic = self.decode_mosaic(MosaicCode(payload.strings, tuple(payload.latent_shape)), payload.phi)
         return denormalise(unpack(mosaic.clamp(0, 1), info), NormParams.from_bytes(payload.norm))
 
     def reconstruct_scale(self, scale: str, x: torch.Tensor, phi: float) -> tuple[torch.Tensor, float | None]:
@@ -159,15 +184,18 @@ class FeatureCodec:
             return denormalise(unpack(x_hat.clamp(0, 1), info), norm)
 
         if hasattr(self, "forward_mosaic_multi"):
-            region = (info.mosaic_height, info.mosaic_width)  # unpack reads no padding
-            return [(features(x_hat), estimate)
-                    for x_hat, estimate in self.forward_mosaic_multi(mosaic, phis, bits=bits, region=region)]
+            with reading_region(info.mosaic_height, info.mosaic_width):
+                return [(features(x_hat), estimate)
+                        for x_hat, estimate in self.forward_mosaic_multi(mosaic, phis, bits=bits)]
         if hasattr(self, "forward_mosaic"):
-            return [(features(x_hat), bits) for x_hat, bits in (self.forward_mosaic(mosaic, p) for p in phis)]
+            with reading_region(info.mosaic_height, info.mosaic_width):
+                return [(features(x_hat), bits) for x_hat, bits in (self.forward_mosaic(mosaic, p) for p in phis)]
         out = []
         for phi in phis:  # a real round trip through the codec: the bits are exact
             code = self.encode_mosaic(mosaic, phi)
-            out.append((features(self.decode_mosaic(code, phi)), float(8 * sum(len(s) for s in code.strings))))
+            with reading_region(info.mosaic_height, info.mosaic_width):
+                x_hat = self.decode_mosaic(code, phi)
+            out.append((features(x_hat), float(8 * sum(len(s) for s in code.strings))))
         return out
 
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,

@@ -1,9 +1,7 @@
 """compressai layers recast for the channels-last tensors the codecs run on (see
-`learned._channels_last_input`), and the synthesis of a mosaic's packed region alone.
+`learned._channels_last_input`), and a synthesis of only the region of the mosaic read.
 Imports compressai: import this module lazily."""
 from __future__ import annotations
-
-import weakref
 
 import torch
 from compressai.layers import GDN
@@ -60,54 +58,71 @@ def _rows_needed(layer: nn.ConvTranspose2d, dim: int, rows: int) -> int:
     return (rows - 1 + layer.padding[dim]) // layer.stride[dim] + 1
 
 
-# synthesis transform -> {(input shape, region, dtype, device, threads): cut path exact?}
-_region_verdicts: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
-
-
-def synthesis_of_region(g_s: nn.Module, y_hat: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """`g_s(y_hat)[..., :height, :width]`, computing only what that region depends on.
+class RegionSynthesis(nn.Sequential):
+    """compressai's all-convolutional synthesis (transposed convolutions and pointwise
+    GDNs), same parameters and state_dict, whose output is only the top-left region of the
+    mosaic its caller reads (`base.reading_region`; without one, the whole mosaic).
 
     A packed mosaic is padded to the codec's stride (the demo's scale '1': 160 px of 192,
-    'pool': 20 of 64) and the decoder's output there is cropped away, yet precoding
-    synthesises it m times per scale. For compressai's all-convolutional synthesis
-    (transposed convolutions and pointwise GDNs) each layer's input is cut to the rows and
-    columns its needed outputs read: the same products per output pixel. Whether the sums
-    come out bit for bit as the full synthesis's (the decoder's) is up to the convolution
-    kernels, which block some shapes differently (oneDNN here: most, not all), so the first
-    call of each shape compares the two on a random latent, and the cut path is taken only
-    where it was exact. Any other transform runs in full."""
-    layers = list(g_s) if type(g_s) is nn.Sequential else []
-    if not layers or not all(isinstance(layer, GDN) or (isinstance(layer, nn.ConvTranspose2d)
-                                                        and layer.dilation == (1, 1)) for layer in layers):
-        return g_s(y_hat)[..., :height, :width]
-    key = (tuple(y_hat.shape), height, width, y_hat.dtype, y_hat.device.type, torch.get_num_threads())
-    verdicts = _region_verdicts.setdefault(g_s, {})
-    if key not in verdicts:
-        # a random latent, not the caller's: one that is mostly zeros (a low quality) could
-        # sum alike in any order
-        probe = torch.randn(y_hat.shape, generator=torch.Generator().manual_seed(0)).mul_(8).round_()
-        probe = probe.to(y_hat)
-        part = _cut_synthesis(layers, probe, height, width)
-        verdicts[key] = part is not None and torch.equal(part, g_s(probe)[..., :height, :width])
-    if not verdicts[key]:
-        return g_s(y_hat)[..., :height, :width]
-    return _cut_synthesis(layers, y_hat, height, width)
+    'pool': 20 of 64) and the padding is cropped away after decoding; precoding would
+    synthesise it m times per scale. Each layer's input is cut to the rows and columns its
+    needed outputs read: the same products per output pixel. Whether the sums come out bit
+    for bit as the full synthesis's is up to the convolution kernels, which block some
+    shapes differently (oneDNN here: most, not all), so the first call of each shape
+    compares the two on a random latent, and the cut path is taken only where it was
+    exact. Autograd (training) always runs in full."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from tasks.codecs.base import mosaic_region
+
+        region = mosaic_region()
+        if region is None or torch.is_grad_enabled():
+            return super().forward(x)
+        height, width = region
+        full_height, full_width = self._output_size(*x.shape[-2:])
+        if height >= full_height and width >= full_width:
+            return super().forward(x)
+        key = (tuple(x.shape), height, width, x.dtype, x.device.type, torch.get_num_threads())
+        verdicts = self.__dict__.setdefault("_region_verdicts", {})  # not set by __init__: the class is swapped in
+        if key not in verdicts:
+            # a random latent, not the caller's: one that is mostly zeros (a low quality)
+            # could sum alike in any order
+            g = torch.Generator().manual_seed(0)
+            probe = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g).mul_(8).round_())
+            verdicts[key] = torch.equal(self._cut(probe, height, width),
+                                        super().forward(probe)[..., :height, :width])
+        if not verdicts[key]:
+            return super().forward(x)[..., :height, :width]
+        return self._cut(x, height, width)
+
+    def _output_size(self, height: int, width: int) -> tuple[int, int]:
+        for layer in self:
+            if isinstance(layer, nn.ConvTranspose2d):
+                (s0, s1), (p0, p1), (k0, k1), (o0, o1) = (layer.stride, layer.padding, layer.kernel_size,
+                                                          layer.output_padding)
+                height, width = (height - 1) * s0 - 2 * p0 + k0 + o0, (width - 1) * s1 - 2 * p1 + k1 + o1
+        return height, width
+
+    def _cut(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        cuts, h, w = [], height, width  # per transposed convolution, the input it needs
+        for layer in reversed(self):
+            if isinstance(layer, nn.ConvTranspose2d):
+                # output rows [0, h) sum inputs i with o = i * stride - padding + tap < h
+                h = (h - 1 + layer.padding[0]) // layer.stride[0] + 1
+                w = (w - 1 + layer.padding[1]) // layer.stride[1] + 1
+                cuts.append((h, w))
+        for layer in self:
+            if isinstance(layer, nn.ConvTranspose2d):
+                h, w = cuts.pop()
+                x = x[..., :h, :w]
+            x = layer(x)
+        return x[..., :height, :width]
 
 
-def _cut_synthesis(layers: list[nn.Module], y_hat: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
-    """The layers on inputs cut to what output region (height, width) reads; None where a
-    layer's output falls short of it."""
-    cuts, h, w = [], height, width  # per transposed convolution, the input it needs
-    for layer in reversed(layers):
-        if isinstance(layer, nn.ConvTranspose2d):
-            h, w = _rows_needed(layer, 0, h), _rows_needed(layer, 1, w)
-            cuts.append((h, w))
-    x = y_hat.contiguous(memory_format=torch.channels_last)  # as the transform's pre-hook does
-    for layer in layers:
-        if isinstance(layer, nn.ConvTranspose2d):
-            h, w = cuts.pop()
-            x = x[..., :h, :w]
-        x = layer(x)
-    if x.shape[-2] < height or x.shape[-1] < width:
-        return None
-    return x[..., :height, :width].contiguous()
+def use_region_synthesis(transform: nn.Module) -> None:
+    """Swap the class of a plain Sequential of transposed convolutions (no dilation) and
+    GDNs to `RegionSynthesis` (weights, keys and hooks stay); any other is left as it is."""
+    if type(transform) is nn.Sequential and all(
+            isinstance(layer, GDN) or (isinstance(layer, nn.ConvTranspose2d) and layer.dilation == (1, 1)
+                                       and layer.groups == 1) for layer in transform):
+        transform.__class__ = RegionSynthesis

@@ -284,7 +284,7 @@ class LearnedCodec(FeatureCodec):
 
         self.models = [m.to("cpu").eval() for m in models]
         if architecture not in EXTERNAL_ARCHITECTURES:  # compressai's all-convolutional g_a, g_s
-            from tasks.codecs.layers import use_channels_last_gdn
+            from tasks.codecs.layers import use_channels_last_gdn, use_region_synthesis
 
             for transform in [t for m in self.models for t in (m.g_a, m.g_s)]:
                 if not getattr(transform, "_mfiba_channels_last", False):
@@ -297,6 +297,8 @@ class LearnedCodec(FeatureCodec):
                             # the weights on every call (precoding: m x scales syntheses), same values
                             layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
                     transform._mfiba_channels_last = True
+            for m in self.models:
+                use_region_synthesis(m.g_s)  # the decoder's output covers only the region read
         self.lambdas = lams
         self.architecture = architecture
         self.name = name or _codec_name_of(architecture)
@@ -438,26 +440,21 @@ class LearnedCodec(FeatureCodec):
                 bits += float(-torch.log2(item.double()).sum())
         return out["x_hat"][0].clamp(0, 1), bits
 
-    def forward_mosaic_multi(self, mosaic: torch.Tensor, phis, bits: bool = True,
-                             region: tuple[int, int] | None = None) -> list[tuple[torch.Tensor, float | None]]:
+    def forward_mosaic_multi(self, mosaic: torch.Tensor, phis,
+                             bits: bool = True) -> list[tuple[torch.Tensor, float | None]]:
         """`forward_mosaic` at several phis of one mosaic. For compressai's
         MeanScaleHyperpriorVbr the gain acts only where y is quantised: analysis, hyper
         analysis, z and hyper synthesis do not depend on phi and run once; only the
         quantisation and the synthesis run per quality (precoding's m qualities cost one
         analysis instead of m). Same arithmetic as its stage-2 forward (tested).
         `bits=False`: no likelihoods, None for the bits (the other codecs' forward computes
-        them anyway and returns them). `region` (height, width): the x_hats cover only the
-        mosaic's top-left region the caller reads (the packed features, not the stride
-        padding), synthesised alone where the transform allows (`synthesis_of_region`)."""
+        them anyway and returns them)."""
         phis = [float(p) for p in phis]
         model = self.models[0]
         if not (self.variable_rate and type(model).__name__ == "MeanScaleHyperpriorVbr"
                 and not model.vr_entbttlnck and not model.no_quantoffset and len(phis) > 1):
-            return [(x_hat if region is None else x_hat[:, :region[0], :region[1]], b)
-                    for x_hat, b in (self.forward_mosaic(mosaic, p) for p in phis)]
+            return [self.forward_mosaic(mosaic, p) for p in phis]
         from compressai.ops import quantize_ste
-
-        from tasks.codecs.layers import synthesis_of_region
 
         extras = [self._resolve(p)[1] for p in phis]
         x = self._input(mosaic)
@@ -488,10 +485,7 @@ class LearnedCodec(FeatureCodec):
                     y_bits.append(float(-torch.log2(y_likelihoods.double()).sum()) + z_bits)
             # One synthesis per quality: stacking them into one batch was slower on CPU
             # (measured: 1.23 s against 8 x 0.11 s for the demo's 8 qualities).
-            if region is None or tuple(region) == tuple(mosaic.shape[-2:]):  # nothing to leave out
-                x_hats = [model.g_s(y_hat)[0] for y_hat in y_hats]
-            else:
-                x_hats = [synthesis_of_region(model.g_s, y_hat, *region)[0] for y_hat in y_hats]
+            x_hats = [model.g_s(y_hat)[0] for y_hat in y_hats]
         return [(x_hats[k].clamp(0, 1), y_bits[k] if bits else None) for k in range(len(phis))]
 
     def estimate_bits(self, mosaic: torch.Tensor, phi: float) -> float:
