@@ -178,9 +178,9 @@ def _bench_mfip_codec(cfg, spec, images: int, repeats: int, pairs_per_repeat: in
                        "loop": "real entropy coding and decoding per pass, full heads one pass at a time, "
                                "losses by COCOeval",
                        "batched": "synthesis of the quantised latent (a VBR codec's analysis once for all "
-                                  "qualities; the mosaic's packed region only, as the decoder), passes of one quality stacked, box-only heads, the RPN (head to NMS) "
-                                  "only on the changed level, box head only on changed proposals, exact "
-                                  "one-image box AP"},
+                                  "qualities; the mosaic's packed region only, as the decoder), passes of one "
+                                  "quality stacked, box-only heads, the RPN (head to NMS) only on the changed level, "
+                                  "box head only on changed proposals, exact one-image box AP"},
             "per_image": rows, "median": med, "profile_batched": profile, "parts_batched": parts,
             "goals": {"speedup_at_least": 5.0, "over_one_encode_decode_at_most": 4.0}}
 

@@ -107,9 +107,7 @@ class RegionSynthesis(nn.Sequential):
         cuts, h, w = [], height, width  # per transposed convolution, the input it needs
         for layer in reversed(self):
             if isinstance(layer, nn.ConvTranspose2d):
-                # output rows [0, h) sum inputs i with o = i * stride - padding + tap < h
-                h = (h - 1 + layer.padding[0]) // layer.stride[0] + 1
-                w = (w - 1 + layer.padding[1]) // layer.stride[1] + 1
+                h, w = _rows_needed(layer, 0, h), _rows_needed(layer, 1, w)
                 cuts.append((h, w))
         for layer in self:
             if isinstance(layer, nn.ConvTranspose2d):
