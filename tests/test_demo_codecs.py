@@ -106,7 +106,8 @@ def test_synthesis_of_a_region_falls_back_where_the_cut_path_is_not_exact(monkey
 def test_decoder_outputs_the_region_read_and_the_same_features():
     """decompress leaves the padding out of the synthesis; the features are those of a
     full decode."""
-    from tasks.codecs.base import MosaicCode, decode_stream
+    from storage.bitstream import decode_stream
+    from tasks.codecs.base import MosaicCode
     from tasks.codecs.packing import NormParams, PackInfo, denormalise, unpack
 
     codec = build_codec_from_spec(CFG.codecs.others["vbr"], "vbr", CFG.resolve_path)
