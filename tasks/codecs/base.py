@@ -183,20 +183,17 @@ class FeatureCodec:
         def features(x_hat: torch.Tensor) -> torch.Tensor:
             return denormalise(unpack(x_hat.clamp(0, 1), info), norm)
 
-        if hasattr(self, "forward_mosaic_multi"):
-            with reading_region(info.mosaic_height, info.mosaic_width):
+        with reading_region(info.mosaic_height, info.mosaic_width):  # unpack reads no padding
+            if hasattr(self, "forward_mosaic_multi"):
                 return [(features(x_hat), estimate)
                         for x_hat, estimate in self.forward_mosaic_multi(mosaic, phis, bits=bits)]
-        if hasattr(self, "forward_mosaic"):
-            with reading_region(info.mosaic_height, info.mosaic_width):
+            if hasattr(self, "forward_mosaic"):
                 return [(features(x_hat), bits) for x_hat, bits in (self.forward_mosaic(mosaic, p) for p in phis)]
-        out = []
-        for phi in phis:  # a real round trip through the codec: the bits are exact
-            code = self.encode_mosaic(mosaic, phi)
-            with reading_region(info.mosaic_height, info.mosaic_width):
-                x_hat = self.decode_mosaic(code, phi)
-            out.append((features(x_hat), float(8 * sum(len(s) for s in code.strings))))
-        return out
+            out = []
+            for phi in phis:  # a real round trip through the codec: the bits are exact
+                code = self.encode_mosaic(mosaic, phi)
+                out.append((features(self.decode_mosaic(code, phi)), float(8 * sum(len(s) for s in code.strings))))
+            return out
 
     def compress(self, features: Mapping[str, torch.Tensor], phi: Mapping[str, float] | float,
                  derived: Iterable[str] = (), payloads: dict | None = None) -> bytes:
