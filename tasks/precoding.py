@@ -7,7 +7,7 @@ Two implementations with the same results:
   heads one pass at a time, losses through COCOeval); kept as the reference in tests;
 - `precode_batched`: decoded features from the codec's synthesis of the quantised latent (no
   entropy coder; equal to what rANS decodes; a variable-rate codec's analysis once for all
-  qualities), the head passes of one quality stacked into one batch through only the head
+  qualities), the head passes of all qualities stacked into batches through only the head
   branches the losses need (box-only for bbox), what a pass did not change (RPN levels, box
   features of unchanged proposals) taken from the lossless pass (PassReuse), and box losses
   by the exact one-image AP (fast_ap) instead of COCOeval. No rate estimate: MFIP's weights
@@ -139,11 +139,7 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
     elif decoded is None:  # else given: reconstructed for every quality at once (decode_all_qualities)
         decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in scales}
     t1 = time.perf_counter()
-    variants = [_replace(feats, s, decoded[s][0], pool_mode) for s in scales]
-    stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
-    batch_meta = SplitMeta(meta.image_sizes * len(scales), meta.original_sizes * len(scales), meta.batch_shape)
-    reuse = (reuse or PassReuse(model, feats, meta)).for_passes([_changed(s, pool_mode) for s in scales])
-    dets = model.heads(stacked, batch_meta, tasks=iou_types, reuse=reuse)  # only the branches the losses need
+    dets = pass_detections(model, feats, meta, [(s, decoded[s][0], pool_mode) for s in scales], iou_types, reuse)
     t2 = time.perf_counter()
     for s, det in zip(scales, dets):
         row = _row(image_id, s, q, phi, ref, det, model, iou_types, oracle)
@@ -166,59 +162,82 @@ def decode_all_qualities(codec: FeatureCodec, feats, scales, phis, bits: bool = 
     return [{s: per_scale[s][q] for s in scales} for q in range(len(phis))]
 
 
-def precode_quality_modes(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
-                          phi: float, ref: Reference, iou_types=("bbox",), pool_modes=("coded", "derived"),
-                          oracle: Oracle | None = None, decoded=None,
-                          reuse: PassReuse | None = None) -> dict[str, PrecodeResult]:
-    """`precode_quality` for several 'pool' modes at once: the codec runs once per scale and
-    a pass shared by the modes (scales '0', '1', '2') runs once; derived mode adds only its
-    own '3' pass (with 'pool' rebuilt from the decoded '3')."""
+# Passes stacked into one heads batch hold a full feature pyramid each (the unchanged levels
+# too: mask and keypoint branches pool from all levels), so batches are cut at this size: all
+# m x scales passes of a demo image (1.4 MB each) go at once, a COCO image's ResNet50-FPN
+# pyramid (80 MB or more) about six at a time.
+MAX_PASS_BATCH_BYTES = 512 * 2**20
+
+
+def pass_detections(model: TaskModel, feats, meta: SplitMeta, passes, iou_types, reuse: PassReuse | None = None,
+                    max_batch_bytes: int = MAX_PASS_BATCH_BYTES) -> list[dict]:
+    """Detections of each pass (scale, its decoded features, 'pool' mode): the image's
+    features with that scale replaced. Passes go through the heads stacked, in batches of at
+    most `max_batch_bytes` of features, with only the branches `iou_types` need, and what a
+    pass did not change taken from the lossless pass (`reuse`)."""
+    reuse = reuse or PassReuse(model, feats, meta)
+    pass_bytes = sum(feats[k].numel() * feats[k].element_size() for k in SCALES)
+    size = max(1, max_batch_bytes // max(1, pass_bytes))
+    dets = []
+    for start in range(0, len(passes), size):
+        chunk = passes[start:start + size]
+        variants = [_replace(feats, s, decoded, mode) for s, decoded, mode in chunk]
+        stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
+        batch_meta = SplitMeta(meta.image_sizes * len(chunk), meta.original_sizes * len(chunk), meta.batch_shape)
+        dets += model.heads(stacked, batch_meta, tasks=iou_types,
+                            reuse=reuse.for_passes([_changed(s, mode) for s, _, mode in chunk]))
+    return dets
+
+
+def precode_qualities_modes(model: TaskModel, image_id: int, feats, meta: SplitMeta, phis, decoded, ref: Reference,
+                            iou_types=("bbox",), pool_modes=("coded", "derived"), oracle: Oracle | None = None,
+                            reuse: PassReuse | None = None) -> dict[str, PrecodeResult]:
+    """The passes of every quality (`decoded[q]`: {scale: (decoded features, estimated
+    bits)}, from `decode_all_qualities`) for several 'pool' modes at once, stacked through
+    the heads together (`pass_detections`): a pass shared by the modes (scales '0', '1',
+    '2') runs once; derived mode adds only its own '3' pass (with 'pool' rebuilt from the
+    decoded '3'). Rows in (quality, scale) order, as `precode_quality`'s one quality after
+    another."""
     t0 = time.perf_counter()
-    needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
-    if decoded is None:
-        decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in needed}
+    keys, passes = [], []
+    for q in range(len(phis)):
+        for mode in pool_modes:
+            for s in coded_scales(mode):
+                # The two modes differ only when '3' is replaced ('pool' follows it in derived mode).
+                key = (q, mode if s == "3" else "any", s)
+                if key not in keys:
+                    keys.append(key)
+                    passes.append((s, decoded[q][s][0], mode))
+    dets = dict(zip(keys, pass_detections(model, feats, meta, passes, iou_types, reuse)))
     t1 = time.perf_counter()
-    keys, variants, changed = [], [], []
-    for mode in pool_modes:
-        for s in coded_scales(mode):
-            # The two modes differ only when '3' is replaced ('pool' follows it in derived mode).
-            key = (mode if s == "3" else "any", s)
-            if key not in keys:
-                keys.append(key)
-                variants.append(_replace(feats, s, decoded[s][0], mode))
-                changed.append(_changed(s, mode))
-    stacked = OrderedDict((k, torch.cat([v[k] for v in variants])) for k in SCALES)
-    batch_meta = SplitMeta(meta.image_sizes * len(variants), meta.original_sizes * len(variants), meta.batch_shape)
-    reuse = (reuse or PassReuse(model, feats, meta)).for_passes(changed)
-    dets = dict(zip(keys, model.heads(stacked, batch_meta, tasks=iou_types, reuse=reuse)))
-    t2 = time.perf_counter()
     out = {}
     for mode in pool_modes:
         res = PrecodeResult(reference_empty=ref.empty)
-        for s in coded_scales(mode):
-            row = _row(image_id, s, q, phi, ref, dets[(mode if s == "3" else "any", s)], model, iou_types, oracle)
-            row["bits"], row["estimated_bits"] = None, decoded[s][1]
-            res.rows.append(row)
+        for q, phi in enumerate(phis):
+            for s in coded_scales(mode):
+                row = _row(image_id, s, q, phi, ref, dets[(q, mode if s == "3" else "any", s)], model, iou_types,
+                           oracle)
+                row["bits"], row["estimated_bits"] = None, decoded[q][s][1]
+                res.rows.append(row)
         out[mode] = res
     share = 1.0 / len(pool_modes)
     for res in out.values():  # time split evenly between the modes it served
-        res.seconds_codec, res.seconds_heads = share * (t1 - t0), share * (t2 - t1)
+        res.seconds_heads, res.seconds_loss = share * (t1 - t0), share * (time.perf_counter() - t1)
     return out
 
 
 def precode_batched(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, phis,
                     categories, iou_types=("bbox",), pool_mode: str = "coded") -> PrecodeResult:
-    """No entropy coder and no rate estimate; the passes of one quality run as one batch
-    through the heads."""
+    """No entropy coder and no rate estimate; the passes of all qualities stacked through
+    the heads (`precode_qualities_modes`)."""
     reuse = PassReuse(model, feats, meta)
     ref, _ = lossless_pass(model, image_id, feats, meta, categories, tasks=iou_types, reuse=reuse)
-    res = PrecodeResult(reference_empty=ref.empty)
     t0 = time.perf_counter()
     decoded = decode_all_qualities(codec, feats, coded_scales(pool_mode), phis, bits=False)
-    res.seconds_codec += time.perf_counter() - t0
-    for q, phi in enumerate(phis):
-        res.add(precode_quality(model, codec, image_id, feats, meta, q, phi, ref, iou_types, pool_mode,
-                                decoded=decoded[q], reuse=reuse))
+    t_codec = time.perf_counter() - t0
+    res = precode_qualities_modes(model, image_id, feats, meta, phis, decoded, ref, iou_types, (pool_mode,),
+                                  reuse=reuse)[pool_mode]
+    res.seconds_codec = t_codec
     return res
 
 

@@ -101,7 +101,8 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
     from storage.results import PartTable
     from tasks.importance import mfip_table
     from tasks.models.registry import SCALES, PassReuse
-    from tasks.precoding import coded_scales, decode_all_qualities, lossless_pass, one_image_gt, precode_quality_modes
+    from tasks.precoding import (coded_scales, decode_all_qualities, lossless_pass, one_image_gt,
+                                 precode_qualities_modes)
     from tasks.rd import load_stored_image
 
     table = PartTable(settings.weights_url, json.loads(settings.weights_identity))
@@ -115,17 +116,13 @@ def online_weights(settings: EvalSettings, image_id: int, pool_modes: tuple[str,
     reuse = PassReuse(model, image.feats, image.meta)
     ref, oracle = lossless_pass(model, image_id, image.feats, image.meta, dataset.categories, settings.tasks,
                                 one_image_gt(dataset, image_id) if settings.oracle else None, reuse)
-    rows = {m: [] for m in pool_modes}
     needed = sorted({s for m in pool_modes for s in coded_scales(m)}, key=SCALES.index)
     decoded = decode_all_qualities(codec, image.feats, needed, settings.phis, bits=False)  # weights: losses only
-    for q, phi in enumerate(settings.phis):
-        for mode, res in precode_quality_modes(model, codec, image_id, image.feats, image.meta, q, phi, ref,
-                                               settings.tasks, pool_modes, oracle, decoded=decoded[q],
-                                               reuse=reuse).items():
-            rows[mode] += res.rows
+    results = precode_qualities_modes(model, image_id, image.feats, image.meta, settings.phis, decoded, ref,
+                                      settings.tasks, pool_modes, oracle, reuse)
     frames = []
     for mode in pool_modes:
-        weights = mfip_table(pd.DataFrame(rows[mode]).assign(split="test"), settings.tasks,
+        weights = mfip_table(pd.DataFrame(results[mode].rows).assign(split="test"), settings.tasks,
                              settings.importance_mode, settings.importance_floor)
         frames.append(weights.assign(pool_mode=mode, reference_empty=ref.empty))
     frame = pd.concat(frames, ignore_index=True)

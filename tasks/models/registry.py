@@ -321,6 +321,8 @@ class _ReusingBoxPath(nn.Module):
     """Stands in for RoIHeads' box_roi_pool -> box_head -> box_predictor chain: returns the
     class logits and box deltas side by side (_SplitPredictions separates them again)."""
 
+    ROWS_PER_BLOCK = 512
+
     def __init__(self, pool: nn.Module, head: nn.Module, predictor: nn.Module, reuse: PassReuse):
         super().__init__()
         self.pool, self.head, self.predictor, self.reuse = pool, head, predictor, reuse
@@ -353,11 +355,18 @@ class _ReusingBoxPath(nn.Module):
         rois = torch.cat([torch.cat([p.new_full((len(p), 1), b), p], dim=1) for b, p in enumerate(proposals)])
         for level, name in enumerate(names):
             rows = np.flatnonzero(compute & (levels == level))
-            if len(rows):
-                rows = torch.from_numpy(rows).to(out.device)
-                images, level_rois = reuse.pooling_input(name, features[name], rois[rows])
-                pooled = roi_align(images, level_rois, pool.output_size, pool.scales[level], pool.sampling_ratio)
-                out[rows] = torch.cat(self.predictor(self.head(pooled)), dim=1)
+            if not len(rows):
+                continue
+            rows = torch.from_numpy(rows).to(out.device)
+            images, level_rois = reuse.pooling_input(name, features[name], rois[rows])
+            # In blocks of rows: a block's pooled features (C x 7 x 7 floats per row) stay in
+            # cache between the pooling and the box head, and stay under glibc's mmap threshold
+            # (fresh pages on every call cost more than the pooling itself).
+            for start in range(0, len(rows), self.ROWS_PER_BLOCK):
+                block = slice(start, start + self.ROWS_PER_BLOCK)
+                pooled = roi_align(images, level_rois[block], pool.output_size, pool.scales[level],
+                                   pool.sampling_ratio)
+                out[rows[block]] = torch.cat(self.predictor(self.head(pooled)), dim=1)
         return out
 
 
