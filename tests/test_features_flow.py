@@ -62,6 +62,7 @@ def test_features_flow_refuses_a_store_built_with_other_weights(tmp_path, cli_en
     assert "built with different" in p.stderr and "--overwrite" in p.stderr
 
 
+@pytest.mark.slow  # a fault test (about 70 s): make test-slow, with the other kill-and-resume tests
 def test_features_flow_resumes_after_sigkill(tmp_path, cli_env):
     args = _args(tmp_path, train=40, calib=0, test=0)
     # Render the data first so the kill lands during extraction.
