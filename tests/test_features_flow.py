@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from storage.feature_store import FeatureStore
 from storage.manifest import read_manifest
