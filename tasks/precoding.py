@@ -38,12 +38,6 @@ class PrecodeResult:
     seconds_heads: float = 0.0
     seconds_loss: float = 0.0
 
-    def add(self, other: "PrecodeResult") -> None:
-        self.rows += other.rows
-        self.seconds_codec += other.seconds_codec
-        self.seconds_heads += other.seconds_heads
-        self.seconds_loss += other.seconds_loss
-
 
 @dataclass(frozen=True)
 class Oracle:
@@ -122,7 +116,7 @@ def precode_reference(model: TaskModel, codec: FeatureCodec, image_id: int, feat
 
 def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats, meta: SplitMeta, q: int,
                     phi: float, ref: Reference, iou_types=("bbox",), pool_mode: str = "coded",
-                    real_bits: bool = False, oracle: Oracle | None = None, decoded=None,
+                    real_bits: bool = False, oracle: Oracle | None = None,
                     reuse: PassReuse | None = None) -> PrecodeResult:
     """All scales of one image at one quality: decoded features from the codec's synthesis
     of the quantised latent (no entropy coder), the passes stacked into one batch through
@@ -136,7 +130,7 @@ def precode_quality(model: TaskModel, codec: FeatureCodec, image_id: int, feats,
         # A classical codec has no latent to synthesise: decode the real stream once.
         decoded = {s: (codec.decompress_scale(p), float(8 * sum(len(x) for x in p.strings)))
                    for s, p in payloads.items()}
-    elif decoded is None:  # else given: reconstructed for every quality at once (decode_all_qualities)
+    else:
         decoded = {s: codec.reconstruct_scale(s, feats[s][0], phi) for s in scales}
     t1 = time.perf_counter()
     dets = pass_detections(model, feats, meta, [(s, decoded[s][0], pool_mode) for s in scales], iou_types, reuse)
