@@ -55,6 +55,7 @@ def test_features_flow_builds_store_then_reuses_it(tmp_path, cli_env):
     assert "8 already in the store, 0 to extract" in log
 
 
+@pytest.mark.slow  # a bad-input test that builds a store first (about 50 s): make test-slow
 def test_features_flow_refuses_a_store_built_with_other_weights(tmp_path, cli_env):
     _run(_args(tmp_path, 2, 0, 0), cli_env)
     p = subprocess.run([MFIBA, *_args(tmp_path, 2, 0, 0), "--set", "task_model.checkpoint=null",
