@@ -1,5 +1,6 @@
 """The benchmark report (benchmarks/bench.py `markdown`): the MFIP goals table states every
-codec's ratios and floor (kernels, plus a classical codec's own coding), and says which codec was not run and why."""
+codec's ratios and floor (kernels, plus a classical codec's own coding), and says which
+codec was not run and why."""
 from __future__ import annotations
 
 from benchmarks.bench import markdown
