@@ -192,13 +192,12 @@ def _bench_mfip_codec(cfg, spec, images: int, repeats: int, pairs_per_repeat: in
 
 
 def _coding_floor(codec, feats, scales, phis, repeats: int = 3) -> float:
-    """Seconds of the m real encodes and decodes of every scale's packed mosaic (median of
+    """Seconds of the m real encodes and decodes of every scale (the codec's own round trip
+    in `reconstruct_scale_multi`: one packed mosaic per scale for all qualities; median of
     repeats); 0 for a codec with a synthesis to run (its kernels are in the profile)."""
     if hasattr(codec, "forward_mosaic"):
         return 0.0
-    mosaics = [codec._mosaic(s, feats[s][0], phis)[0] for s in scales]
-    return timed(lambda: [codec.decode_mosaic(codec.encode_mosaic(mosaic, phi), phi)
-                          for mosaic in mosaics for phi in phis], repeats)[0]
+    return timed(lambda: [codec.reconstruct_scale_multi(s, feats[s][0], phis) for s in scales], repeats)[0]
 
 
 # torch operator -> the part of the precoding it belongs to (for the profile's shares).
